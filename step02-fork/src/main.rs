@@ -1,0 +1,380 @@
+//! Step 2: a process per connection.
+//!
+//! The accept loop of step 1, but instead of serving the connection itself, the parent calls
+//! `fork`: the child, a copy of the parent with a copy of its descriptor table, serves that one
+//! client and exits; the parent closes its copy of the connection and goes back to `accept` at
+//! once. Slow clients no longer stall each other: each has a process of its own.
+//!
+//! Cost: a `fork` per connection (page tables copied, copy-on-write faults after), and children
+//! that must be *reaped* or they linger as zombies. How we reap is the lesson: `--reap`.
+//!
+//! Run it and watch it:
+//!
+//! ```text
+//! cargo run -p step02-fork -- --reap none
+//! curl http://127.0.0.1:8080/; curl http://127.0.0.1:8080/
+//! ps -o pid,ppid,stat,cmd --ppid PID   # two children, STAT Z: <defunct>
+//! cargo run -p step02-fork -- --leak   # then: lsof -p PID shows every connection, kept open
+//! ```
+
+mod http;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::mem;
+use std::net::TcpListener;
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use nix::errno::Errno;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction, signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid, fork};
+
+use http::{Parse, Response, Status};
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let timeout = Duration::from_secs(args.timeout_secs);
+    set_fd_limit(args.max_fds)?;
+    let listener =
+        TcpListener::bind(&args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
+    let mut reserve = Reserve::open()?;
+    set_reaping(args.reap)?;
+    announce(&listener)?;
+
+    // ANCHOR: accept_loop
+    // The parent only accepts and forks; each child serves one connection and exits.
+    loop {
+        match listener.accept() {
+            // SAFETY: this process has a single thread, so no other thread can be holding a
+            // lock (in malloc, in stdio) that the child would inherit locked and wait on forever.
+            Ok((stream, peer)) => match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    // The child inherited a copy of every descriptor: it needs the connection,
+                    // not the listener nor the spare, so it closes them.
+                    drop(listener);
+                    drop(reserve);
+                    serve_child(stream, peer, timeout, args.reap)
+                }
+                Ok(ForkResult::Parent { child }) => {
+                    // The connection is closed only when its last descriptor is: the parent
+                    // must close its copy, or the client never sees the end of the connection.
+                    if args.leak {
+                        mem::forget(stream); // the descriptor stays open: see `lsof -p PID`
+                    } else {
+                        drop(stream);
+                    }
+                    if args.reap == Reap::DoubleFork {
+                        wait_for(child); // the child exits at once: this wait is short
+                    }
+                }
+                Err(err) => {
+                    eprintln!("fork: {err}; answering 503");
+                    refuse(stream, "cannot fork a process for this connection");
+                }
+            },
+            Err(err) => reserve.accept_failed(&listener, err),
+        }
+    }
+    // ANCHOR_END: accept_loop
+}
+
+// ANCHOR: serve_child
+/// The child's whole life: serve one connection, then leave.
+fn serve_child(stream: TcpStream, peer: SocketAddr, timeout: Duration, reap: Reap) -> ! {
+    if reap == Reap::DoubleFork {
+        // Fork again and let the middle process exit at once: the grandchild that serves is an
+        // orphan, adopted by init (or the nearest subreaper), which reaps it when it is done.
+        // SAFETY: still a single thread, as in the parent.
+        match unsafe { fork() } {
+            Ok(ForkResult::Parent { .. }) => exit_now(0),
+            Ok(ForkResult::Child) => {}
+            Err(err) => {
+                eprintln!("fork: {err}; answering 503");
+                refuse(stream, "cannot fork a process for this connection");
+                exit_now(1);
+            }
+        }
+    }
+    let code = match handle_connection(stream, timeout) {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("{peer}: {err}");
+            1
+        }
+    };
+    exit_now(code)
+}
+
+// ANCHOR: exit_now
+/// Ends a child with `_exit`, not `exit`: `exit` would run the parent's exit-time work a second
+/// time in this copy, such as flushing stdio buffers inherited from the parent, so that output
+/// the parent had buffered would come out twice.
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process at once; no Rust code runs after it.
+    unsafe { libc::_exit(code) }
+}
+// ANCHOR_END: exit_now
+// ANCHOR_END: serve_child
+
+// ANCHOR: handle_connection
+/// Serves one client until it closes, breaks the rules, or keeps us waiting past `timeout`.
+fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()> {
+    // A write blocks while the client's receive window is full; give up on a client that reads
+    // nothing at all for `timeout`.
+    stream.set_write_timeout(Some(timeout))?;
+    // Bytes received and not yet answered: part of a head, or requests sent back to back
+    // (pipelined) that we answer one after the other, in order.
+    let mut received = Vec::new();
+    loop {
+        // One deadline for the whole head, not one per read: a client that dribbles a byte a
+        // second must not hold the server forever. An idle keep-alive connection gets the same.
+        let deadline = Instant::now() + timeout;
+        let (len, request) = loop {
+            match http::parse(&received) {
+                Parse::Complete { len, request } => break (len, request),
+                Parse::Invalid(status, why) => {
+                    return send(&mut stream, &http::reject(status, why));
+                }
+                Parse::Partial => {}
+            }
+            if !read_more(&mut stream, &mut received, deadline)? {
+                return Ok(()); // the client has left, or the deadline passed: close
+            }
+        };
+        received.drain(..len);
+        let response = http::respond(&request);
+        send(&mut stream, &response)?;
+        if !response.keep_alive {
+            return Ok(()); // dropping `stream` closes the socket
+        }
+    }
+}
+
+/// Reads whatever the client sent next, waiting no later than `deadline`. Returns `false` if
+/// the client closed its side (a read of 0 bytes is end-of-file) or the deadline passed.
+fn read_more(
+    stream: &mut TcpStream,
+    received: &mut Vec<u8>,
+    deadline: Instant,
+) -> io::Result<bool> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(false);
+    }
+    stream.set_read_timeout(Some(left))?;
+    let mut chunk = [0; 4096];
+    match stream.read(&mut chunk) {
+        Ok(0) => Ok(false),
+        Ok(n) => {
+            received.extend_from_slice(&chunk[..n]);
+            Ok(true)
+        }
+        // With a read timeout set, the kernel reports "nothing came in time" as EAGAIN.
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => Ok(true),
+        Err(err) => Err(err),
+    }
+}
+
+/// Writes a whole response; `write_all` loops over partial writes for us.
+fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
+    stream.write_all(&response.bytes)?;
+    let mut left = response.more;
+    while left > 0 {
+        let chunk = http::pattern(left);
+        stream.write_all(chunk)?;
+        left -= chunk.len() as u64;
+    }
+    Ok(())
+}
+// ANCHOR_END: handle_connection
+
+// ANCHOR: reserve
+/// A spare descriptor kept open, so that there is one to give back when the process runs out.
+///
+/// When every descriptor is taken, `accept` fails with `EMFILE` but leaves the connection in the
+/// queue, so the next `accept` fails at once too: a naive loop spins at 100% CPU. Instead we
+/// close the spare, accept the waiting client into the freed slot, answer `503`, close it, and
+/// take the spare back (libev's and libuv's trick). Service resumes once descriptors free up.
+struct Reserve(Option<File>);
+
+impl Reserve {
+    fn open() -> anyhow::Result<Reserve> {
+        let spare = File::open("/dev/null").context("cannot open the reserve descriptor")?;
+        Ok(Reserve(Some(spare)))
+    }
+
+    fn accept_failed(&mut self, listener: &TcpListener, err: io::Error) {
+        match err.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => self.refuse_one(listener),
+            // The kernel is short of memory for sockets: give it a moment rather than spin.
+            Some(libc::ENOBUFS | libc::ENOMEM) => {
+                eprintln!("accept: {err}; pausing 100 ms");
+                thread::sleep(Duration::from_millis(100));
+            }
+            // Anything else concerns that one connection (say, reset while it was queued).
+            _ => eprintln!("accept: {err}"),
+        }
+    }
+
+    fn refuse_one(&mut self, listener: &TcpListener) {
+        eprintln!("accept: out of file descriptors; answering 503");
+        self.0 = None; // closes the spare: one descriptor is free now
+        match listener.accept() {
+            Ok((stream, _)) => refuse(stream, "out of file descriptors"),
+            Err(err) => {
+                eprintln!("accept: {err}; pausing 100 ms");
+                thread::sleep(Duration::from_millis(100));
+            }
+        }
+        match File::open("/dev/null") {
+            Ok(spare) => self.0 = Some(spare),
+            Err(err) => eprintln!("cannot reopen the reserve descriptor: {err}"),
+        }
+    }
+}
+// ANCHOR_END: reserve
+
+// ANCHOR: refuse
+/// Answers `503` to a connection we cannot serve, and closes it.
+fn refuse(mut stream: TcpStream, why: &str) {
+    let _ = send(&mut stream, &http::reject(Status::ServiceUnavailable, why)); // best effort
+}
+// ANCHOR_END: refuse
+
+// ANCHOR: reaping
+// ANCHOR: reap_modes
+/// How the parent collects its children's exit status, so that they stop being zombies.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Reap {
+    /// A SIGCHLD handler calls waitpid(-1, WNOHANG) until no exited child is left
+    Sigchld,
+    /// Never reap: exited children stay zombies, `<defunct>` in ps
+    None,
+    /// Set SIGCHLD to SIG_IGN: the kernel reaps children itself
+    Ignore,
+    /// Fork twice: the parent reaps the short-lived middle child, init adopts the grandchild
+    DoubleFork,
+}
+// ANCHOR_END: reap_modes
+
+// ANCHOR: set_reaping
+/// Sets up the reaping chosen with `--reap`.
+fn set_reaping(reap: Reap) -> anyhow::Result<()> {
+    match reap {
+        Reap::Sigchld => {
+            // SA_RESTART: a system call interrupted by the handler is restarted by the kernel
+            // where it can be (std's `accept` also retries EINTR itself). SA_NOCLDSTOP: only
+            // exits matter, not children being stopped and continued.
+            let action = SigAction::new(
+                SigHandler::Handler(reap_children),
+                SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP,
+                SigSet::empty(),
+            );
+            // SAFETY: the handler calls only async-signal-safe functions (waitpid, errno access).
+            unsafe { sigaction(Signal::SIGCHLD, &action) }.context("sigaction(SIGCHLD)")?;
+        }
+        Reap::Ignore => {
+            // SAFETY: SIG_IGN installs no code of ours to run in signal context.
+            unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) }.context("signal(SIGCHLD)")?;
+        }
+        Reap::None | Reap::DoubleFork => {}
+    }
+    Ok(())
+}
+// ANCHOR_END: set_reaping
+
+// ANCHOR: sigchld_handler
+/// The SIGCHLD handler. It may interrupt the parent anywhere, so it touches nothing but
+/// `waitpid` and `errno`: no allocation, no locks, no printing.
+extern "C" fn reap_children(_: libc::c_int) {
+    // waitpid sets errno, and the code we interrupted may be about to read errno: keep it.
+    let saved = Errno::last_raw();
+    // Signals do not queue: ten children exiting together may raise one SIGCHLD. So reap
+    // every exited child now, until waitpid says none is left (StillAlive, or ECHILD).
+    while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if status == WaitStatus::StillAlive {
+            break;
+        }
+    }
+    Errno::set_raw(saved);
+}
+// ANCHOR_END: sigchld_handler
+
+// ANCHOR: wait_for
+/// Waits for one child to exit (used by the double fork, whose middle child exits at once).
+fn wait_for(child: Pid) {
+    loop {
+        match waitpid(child, None) {
+            Err(Errno::EINTR) => continue, // a signal interrupted the wait: wait again
+            Err(err) => return eprintln!("waitpid({child}): {err}"),
+            Ok(_) => return,
+        }
+    }
+}
+// ANCHOR_END: wait_for
+// ANCHOR_END: reaping
+
+/// Step 2: an HTTP server that forks a child process per connection.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on; port 0 picks a free port
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Close a connection that has not sent a whole request head for this many seconds
+    #[arg(long, value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_secs: u64,
+    /// Set the soft limit on open descriptors (RLIMIT_NOFILE) to N [default: the hard limit]
+    #[arg(long, value_name = "N")]
+    max_fds: Option<u64>,
+    // ANCHOR: flags
+    /// How to reap children that have exited
+    #[arg(long, value_enum, default_value_t = Reap::Sigchld)]
+    reap: Reap,
+    /// Keep the parent's copy of every connection open (a deliberate descriptor leak)
+    #[arg(long)]
+    leak: bool,
+    // ANCHOR_END: flags
+}
+
+/// Sets the soft limit on open file descriptors: to `max_fds` if given, so that running out is
+/// cheap to try, or else up to the hard limit, as servers do.
+fn set_fd_limit(max_fds: Option<u64>) -> anyhow::Result<()> {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    let soft = max_fds.unwrap_or(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard)
+        .with_context(|| format!("cannot set RLIMIT_NOFILE to {soft} (hard limit {hard})"))
+}
+
+/// Prints the banner that tests and the benchmark read, then hints for a human.
+fn announce(listener: &TcpListener) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("getsockname")?;
+    let pid = std::process::id();
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "listening on http://{addr} (pid {pid})")?;
+    stdout.flush()?;
+    eprintln!(
+        "try:   curl -v http://{addr}/   (then hold a connection open with: nc {} {})",
+        addr.ip(),
+        addr.port()
+    );
+    eprintln!(
+        "watch: lsof -p {pid}   ps -o pid,ppid,stat,cmd --ppid {pid}   (children, zombies: STAT Z)"
+    );
+    Ok(())
+}

@@ -1,0 +1,376 @@
+//! What step 2 claims: a process per connection serves slow clients at once; how children are
+//! reaped decides whether zombies pile up; the parent must close its copy of each connection,
+//! or its descriptors leak and the client never sees the connection end.
+//!
+//! Timings only tell "blocked" from "served", with wide margins; every wait is bounded.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use testkit::procfs::{children, cpu_time, fd_count, lowest_free_fd, set_fd_limit, zombies};
+use testkit::{Server, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_step02-fork");
+const SERVED: Duration = Duration::from_secs(10);
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// `n` requests, each on a connection of its own, each answered and closed.
+fn requests(server: &Server, n: usize) {
+    for _ in 0..n {
+        assert_eq!(server.get("/").status, 200);
+    }
+}
+
+/// The descriptors of `pid` that are sockets: (fd number, socket inode).
+fn sockets(pid: i32) -> Vec<(i32, u64)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return found; // the process is gone
+    };
+    for entry in entries.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let inode = target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|inode| inode.parse().ok());
+        let fd = entry.file_name().to_string_lossy().parse().ok();
+        if let (Some(fd), Some(inode)) = (fd, inode) {
+            found.push((fd, inode));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Starts a `/sleep/MS` request on a new connection and returns it with the pid of the child
+/// that serves it (the one child that was not there before).
+fn slow_request(server: &Server, ms: u32) -> (testkit::Client, i32) {
+    let before: Vec<i32> = children(server.pid).iter().map(|&(pid, _)| pid).collect();
+    let mut client = server.connect();
+    client.send(format!("GET /sleep/{ms} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+    let mut child = None;
+    let appeared = wait_until(SETTLE, || {
+        child = children(server.pid)
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .find(|pid| !before.contains(pid));
+        child.is_some()
+    });
+    assert!(appeared, "no child process appeared for the connection");
+    (client, child.expect("found above"))
+}
+
+#[test]
+fn two_slow_clients_served_at_once() {
+    let server = Server::start(BIN, &[]);
+    let started = Instant::now();
+    let mut first = server.connect();
+    let mut second = server.connect();
+    first.send(b"GET /sleep/2000 HTTP/1.1\r\nHost: test\r\n\r\n");
+    second.send(b"GET /sleep/2000 HTTP/1.1\r\nHost: test\r\n\r\n");
+    // While both sleep, a third client is answered at once.
+    let quick = Instant::now();
+    assert_eq!(server.get("/").status, 200);
+    assert!(
+        quick.elapsed() < Duration::from_millis(1000),
+        "a quick request waited {:?} behind two slow ones",
+        quick.elapsed()
+    );
+    assert_eq!(
+        first.read_response(false, SERVED).expect("first").status,
+        200
+    );
+    assert_eq!(
+        second.read_response(false, SERVED).expect("second").status,
+        200
+    );
+    // One after the other would take 4 s; side by side, 2 s.
+    assert!(
+        started.elapsed() < Duration::from_millis(3500),
+        "two 2 s requests took {:?}: they were not served at once",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn reap_none_leaves_zombies() {
+    let server = Server::start(BIN, &["--reap", "none"]);
+    requests(&server, 3);
+    assert!(
+        wait_until(SETTLE, || zombies(server.pid) == 3),
+        "expected 3 zombies, found {:?}",
+        children(server.pid)
+    );
+    // They stay: nobody will ever wait for them.
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(zombies(server.pid), 3, "{:?}", children(server.pid));
+}
+
+/// In the three reaping modes, every child is gone once the clients are done.
+fn no_zombies_with(mode: &str) {
+    let server = Server::start(BIN, &["--reap", mode]);
+    requests(&server, 5);
+    assert!(
+        wait_until(SETTLE, || children(server.pid).is_empty()),
+        "--reap {mode}: children left behind: {:?}",
+        children(server.pid)
+    );
+    assert_eq!(server.get("/").status, 200, "--reap {mode}: still serving");
+}
+
+#[test]
+fn reap_sigchld_leaves_no_zombies() {
+    no_zombies_with("sigchld");
+}
+
+#[test]
+fn reap_ignore_leaves_no_zombies() {
+    no_zombies_with("ignore");
+}
+
+#[test]
+fn reap_double_fork_leaves_no_zombies() {
+    no_zombies_with("double-fork");
+}
+
+#[test]
+fn leak_grows_parent_fds() {
+    let server = Server::start(BIN, &["--leak"]);
+    let base = fd_count(server.pid);
+    requests(&server, 5);
+    assert!(
+        wait_until(SETTLE, || fd_count(server.pid) == base + 5),
+        "with --leak, 5 connections should leave 5 more descriptors: {base} then {}",
+        fd_count(server.pid)
+    );
+}
+
+#[test]
+fn no_leak_keeps_parent_fds_flat() {
+    let server = Server::start(BIN, &[]);
+    let base = fd_count(server.pid);
+    requests(&server, 5);
+    assert!(wait_until(SETTLE, || children(server.pid).is_empty()));
+    assert_eq!(
+        fd_count(server.pid),
+        base,
+        "the parent's descriptor count moved"
+    );
+}
+
+/// Sends an HTTP/1.0 request, which the child answers before it closes its copy of the
+/// connection and exits; tells whether the client then sees the connection end within `within`.
+fn answered_then_closed(args: &[&str], within: Duration) -> bool {
+    let server = Server::start(BIN, args);
+    let mut client = server.connect();
+    client.send(b"GET / HTTP/1.0\r\n\r\n");
+    let response = client.read_response(false, SERVED).expect("answer");
+    assert_eq!(response.status, 200);
+    client.closed_within(within)
+}
+
+#[test]
+fn leaked_connection_never_sees_eof() {
+    // The parent's leaked copy keeps the connection open: no end-of-file ever arrives.
+    assert!(
+        !answered_then_closed(&["--leak"], Duration::from_millis(1500)),
+        "the connection closed although the parent kept a copy of it"
+    );
+}
+
+#[test]
+fn child_exit_closes_socket() {
+    assert!(
+        answered_then_closed(&[], SETTLE),
+        "the child exited but the client saw no end-of-file"
+    );
+}
+
+/// The sockets a child holds once it has closed the listener it inherited (it does so right
+/// after `fork`, so a look at once may still catch it).
+fn sockets_without(child: i32, listener: u64) -> Vec<(i32, u64)> {
+    let closed = wait_until(SETTLE, || {
+        sockets(child).iter().all(|&(_, inode)| inode != listener)
+    });
+    assert!(
+        closed,
+        "the child still holds the listener: {:?}",
+        sockets(child)
+    );
+    sockets(child)
+}
+
+#[test]
+fn child_closes_listener() {
+    let server = Server::start(BIN, &[]);
+    // Idle, the parent's only socket is the listener.
+    let listener = sockets(server.pid);
+    assert_eq!(listener.len(), 1, "parent sockets: {listener:?}");
+    let (mut client, child) = slow_request(&server, 1500);
+    let held = sockets_without(child, listener[0].1);
+    assert_eq!(
+        held.len(),
+        1,
+        "the child should hold its connection only: {held:?}"
+    );
+    assert_eq!(
+        client.read_response(false, SERVED).expect("answer").status,
+        200
+    );
+}
+
+#[test]
+fn lowest_fd_reused_without_leak() {
+    for leak in [false, true] {
+        let server = Server::start(BIN, if leak { &["--leak"][..] } else { &[] });
+        let listener = sockets(server.pid)[0].1;
+        let (mut first, first_child) = slow_request(&server, 1500);
+        let (mut second, second_child) = slow_request(&server, 1500);
+        let first_held = sockets_without(first_child, listener);
+        let second_held = sockets_without(second_child, listener);
+        // Each child's own connection is its newest descriptor.
+        let first_fd = first_held.iter().map(|&(fd, _)| fd).max();
+        let second_fd = second_held.iter().map(|&(fd, _)| fd).max();
+        if leak {
+            // The parent's leaked copy of the first connection still occupies that number, so
+            // the second connection gets the next one; and the second child inherited the leak.
+            assert_eq!(
+                second_fd,
+                first_fd.map(|fd| fd + 1),
+                "with --leak the numbers climb"
+            );
+            assert_eq!(
+                second_held.len(),
+                2,
+                "the second child inherits the leaked copy too"
+            );
+        } else {
+            // The parent closed its copy of the first connection before accepting the second,
+            // so accept handed out the lowest free number again.
+            assert_eq!(first_fd, second_fd, "without --leak the number is reused");
+            assert_eq!(second_held.len(), 1);
+        }
+        for client in [&mut first, &mut second] {
+            assert_eq!(
+                client.read_response(false, SERVED).expect("answer").status,
+                200
+            );
+        }
+    }
+}
+
+#[test]
+fn sigchld_burst_leaves_parent_serving() {
+    let mut server = Server::start(BIN, &[]);
+    let mut slow = server.connect();
+    slow.send(b"GET /sleep/500 HTTP/1.1\r\nHost: test\r\n\r\n");
+    // A thousand SIGCHLDs with no child to reap: each runs the handler, which finds nothing to
+    // wait for (ECHILD or StillAlive) and returns; the parent's accept is restarted each time.
+    let parent = Pid::from_raw(server.pid);
+    for _ in 0..1000 {
+        kill(parent, Signal::SIGCHLD).expect("kill(SIGCHLD)");
+    }
+    assert!(server.is_alive(), "the parent died of the signal burst");
+    assert_eq!(server.get("/").status, 200);
+    assert_eq!(
+        slow.read_response(false, SERVED)
+            .expect("slow answer")
+            .status,
+        200
+    );
+    drop(slow); // its child now reads end-of-file and exits
+    assert!(
+        wait_until(SETTLE, || children(server.pid).is_empty()),
+        "children left: {:?}",
+        children(server.pid)
+    );
+}
+
+#[test]
+fn resets_mid_response_leave_no_zombies() {
+    let mut server = Server::start(BIN, &[]);
+    for _ in 0..50 {
+        let mut client = server.connect();
+        client.send(b"GET /bytes/8388608 HTTP/1.1\r\nHost: test\r\n\r\n");
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut client.stream, &mut first).expect("first byte");
+        // SO_LINGER with a zero timeout: close sends RST instead of FIN, discarding the data.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&client.stream, nix::sys::socket::sockopt::Linger, &linger)
+            .expect("SO_LINGER");
+        drop(client);
+    }
+    assert!(
+        wait_until(SERVED, || children(server.pid).is_empty()),
+        "children left after resets: {:?}",
+        children(server.pid)
+    );
+    assert!(server.is_alive());
+    assert_eq!(server.get("/").status, 200);
+}
+
+#[test]
+fn leak_runs_out_of_fds_without_spinning() {
+    let mut server = Server::start(BIN, &["--leak"]);
+    // Room for exactly three more descriptors. The parent, parked in accept, has already
+    // claimed the lowest free number for the next connection, which is within the room.
+    let room = 3;
+    set_fd_limit(server.pid, lowest_free_fd(server.pid) as u64 + room);
+    requests(&server, room as usize);
+    // Now every descriptor is taken by a leaked connection: each new client gets 503.
+    for _ in 0..3 {
+        assert_eq!(server.get("/").status, 503);
+    }
+    // And the parent does not spin: it waits in accept with its spare descriptor closed.
+    let before = cpu_time(server.pid);
+    thread::sleep(Duration::from_secs(1));
+    let burned = cpu_time(server.pid) - before;
+    assert!(
+        burned < Duration::from_millis(250),
+        "the parent burned {burned:?} of CPU in one idle second while out of descriptors"
+    );
+    assert!(server.is_alive());
+    assert!(
+        server.stderr().contains("out of file descriptors"),
+        "the refusals were not logged"
+    );
+}
+
+#[test]
+fn fork_failure_answers_503() {
+    // RLIMIT_NPROC caps the processes of the real user id, but root (and any process with
+    // CAP_SYS_RESOURCE or CAP_SYS_ADMIN) is exempt. So as root we run the server as `nobody`,
+    // whose one process (the server itself) already fills a limit of 1: every fork fails with
+    // EAGAIN. As another user, a limit of 0 does the same.
+    let root = nix::unistd::geteuid().is_root();
+    let wrapper: &[&str] = if root {
+        &[
+            "prlimit",
+            "--nproc=1",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        &["prlimit", "--nproc=0"]
+    };
+    let mut server = Server::start_wrapped(wrapper, BIN, &[]);
+    let response = server.get("/");
+    assert_eq!(response.status, 503, "a fork that failed must answer 503");
+    assert!(server.is_alive(), "the parent died when fork failed");
+    assert!(
+        server.stderr().contains("fork"),
+        "the failure was not logged"
+    );
+    // It goes on refusing, and living, as long as the limit holds.
+    assert_eq!(server.get("/").status, 503);
+}

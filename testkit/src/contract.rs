@@ -1,0 +1,740 @@
+//! The contract every step's server keeps, one function per behaviour.
+//!
+//! Each function starts its own server from `bin` (with the step's extra `args`, such as a mode
+//! flag), checks one behaviour from the outside, and panics with a message that says what was
+//! expected and what came instead. [`contract_suite!`](crate::contract_suite) turns them all into
+//! `#[test]`s. Timings are only generous bounds that tell "blocked" from "served".
+
+use std::io::{self, Read};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, RESPONSE_WITHIN, Response, preview};
+use crate::procfs::{cpu_time, lowest_free_fd, set_fd_limit, wait_until};
+use crate::server::{Server, run};
+
+/// Expands to one `#[test] fn` per behaviour of the contract, each calling the function of the
+/// same name in [`contract`](crate::contract) with the given binary and extra arguments.
+///
+/// ```ignore
+/// testkit::contract_suite!(env!("CARGO_BIN_EXE_step01-iterative"), &[]);
+/// mod edge {
+///     testkit::contract_suite!(env!("CARGO_BIN_EXE_step07-epoll"), &["--edge"]);
+/// }
+/// ```
+#[macro_export]
+macro_rules! contract_suite {
+    ($bin:expr, $args:expr $(,)?) => {
+        $crate::contract_suite!(@each $bin, $args;
+            help_documents_flags,
+            banner,
+            hello,
+            head_has_no_body,
+            bytes_exact,
+            slow_reader_gets_everything,
+            sleep_route,
+            not_found,
+            method_not_allowed,
+            keep_alive_by_default,
+            http10_closes_unless_keep_alive,
+            connection_close_honoured,
+            pipelining_in_order,
+            malformed_is_400_and_closed,
+            head_over_8k_is_431,
+            request_body_is_413,
+            transfer_encoding_is_501,
+            smuggling_framing_is_400,
+            error_response_closes,
+            idle_connection_closed_after_timeout,
+            dribbled_head_cut_at_deadline,
+            half_close_still_answered,
+            client_resets_are_harmless,
+            fd_exhaustion_no_spin_and_recovery,
+        );
+    };
+    (@each $bin:expr, $args:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::contract::$name($bin, $args);
+            }
+        )*
+    };
+}
+
+/// The body of `/bytes/N` repeats this 64-byte line: byte `i` is `LINE[i % 64]`.
+pub const LINE: &[u8; 64] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.\n";
+
+/// The body of `GET /`.
+pub const HELLO: &[u8] = b"Hello, world!\n";
+
+/// The largest request head a server must accept, blank line included.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// How many of the server's last log lines a failure message shows.
+const LOG_LINES: usize = 30;
+
+/// How long a server may take to close a connection it should close.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// The position of the first byte of `body` that breaks the `/bytes/N` pattern, if any.
+pub fn pattern_mismatch(body: &[u8]) -> Option<usize> {
+    body.iter()
+        .zip(LINE.iter().cycle())
+        .position(|(got, want)| got != want)
+}
+
+/// `bin --help` exits 0 and documents every flag of the contract.
+pub fn help_documents_flags(bin: &str, args: &[&str]) {
+    let mut all = args.to_vec();
+    all.push("--help");
+    let help = run(bin, &all, Duration::from_secs(10));
+    assert!(
+        help.status.success(),
+        "{bin} --help exited with {}; stderr:\n{}",
+        help.status,
+        help.stderr
+    );
+    for flag in ["--addr", "--timeout-secs", "--max-fds"] {
+        assert!(
+            help.stdout.contains(flag),
+            "--help does not mention {flag}:\n{}",
+            help.stdout
+        );
+    }
+}
+
+/// The first stdout line is exactly `listening on http://127.0.0.1:PORT (pid PID)`, and the
+/// hints on stderr tell how to watch the process with `lsof -p PID`.
+pub fn banner(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let port = server.addr.port();
+    assert_ne!(port, 0, "the banner must show the port picked, not 0");
+    let pid = server.pid;
+    assert_eq!(
+        server.banner(),
+        format!("listening on http://127.0.0.1:{port} (pid {pid})"),
+        "the banner must show the address and this process's pid"
+    );
+    let hint = format!("lsof -p {pid}");
+    assert!(
+        wait_until(Duration::from_secs(5), || server.stderr().contains(&hint)),
+        "stderr does not mention `{hint}`:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+}
+
+/// `GET /` answers `200` with `Hello, world!\n` and `Content-Length: 14`.
+pub fn hello(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    assert_hello(&server.get("/"), "GET /");
+}
+
+/// `HEAD /` gets the headers of `GET /` and no body: a `GET` pipelined right behind it parses
+/// as the very next response, so not one stray body byte came between them.
+pub fn head_has_no_body(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let head = head_then_get(&server, "/");
+    assert_eq!(head.content_length(), Some(HELLO.len()), "HEAD /: {head:?}");
+}
+
+/// `/bytes/N` serves exactly N bytes of the pattern, up to 64 MiB; more is `400`, and a path
+/// that is not a number is `404`.
+pub fn bytes_exact(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    for n in [0, 1, 100_000, 1 << 20] {
+        let path = format!("/bytes/{n}");
+        assert_bytes(&server.get(&path), n, &path);
+    }
+    let most = 64 << 20;
+    let head = head_then_get(&server, &format!("/bytes/{most}"));
+    assert_eq!(head.content_length(), Some(most), "HEAD /bytes/{most}");
+    assert_status(
+        &server.get(&format!("/bytes/{}", most + 1)),
+        400,
+        "/bytes/ over 64 MiB",
+    );
+    assert_status(&server.get("/bytes/abc"), 404, "GET /bytes/abc");
+}
+
+/// A client that waits before reading makes the server's output back up; once it reads (16 KiB
+/// at a time) it still gets all 16 MiB, intact.
+pub fn slow_reader_gets_everything(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let n = 16 << 20;
+    let mut client = server.connect();
+    client.send(format!("GET /bytes/{n} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+    thread::sleep(Duration::from_millis(500));
+    let response = expect_response(
+        &server,
+        &mut client,
+        false,
+        Duration::from_secs(60),
+        "16 MiB",
+    );
+    assert_bytes(&response, n, "GET /bytes/16777216 read slowly");
+}
+
+/// `/sleep/MS` answers like `/` after at least MS milliseconds; MS over 60000 is `400`.
+pub fn sleep_route(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let start = Instant::now();
+    assert_hello(&server.get("/sleep/300"), "GET /sleep/300");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(290),
+        "/sleep/300 answered after only {took:?}"
+    );
+    assert_status(&server.get("/sleep/60001"), 400, "GET /sleep/60001");
+}
+
+/// Any other path is `404`.
+pub fn not_found(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    for path in ["/nope", "/bytes/-1"] {
+        assert_status(&server.get(path), 404, path);
+    }
+}
+
+/// Any other method is `405` with `Allow: GET, HEAD`, and the connection closes.
+pub fn method_not_allowed(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    for method in ["POST", "DELETE"] {
+        let request = format!("{method} / HTTP/1.1\r\nHost: test\r\n\r\n");
+        let response = refused(&server, request.as_bytes(), 405);
+        assert_eq!(
+            response.header("Allow"),
+            Some("GET, HEAD"),
+            "{method} /: {response:?}"
+        );
+    }
+}
+
+/// On HTTP/1.1 the connection stays open by default: three requests, one after another, on one
+/// connection, each answered with `Connection: keep-alive`.
+pub fn keep_alive_by_default(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let mut client = server.connect();
+    for i in 1..=3 {
+        let response = client.get("/");
+        assert_hello(&response, &format!("request {i} on one connection"));
+        assert_connection(&response, "keep-alive", "an HTTP/1.1 request");
+    }
+}
+
+/// HTTP/1.0 closes after the answer, unless the client asks for `Connection: keep-alive`.
+pub fn http10_closes_unless_keep_alive(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    {
+        let mut client = server.connect();
+        let response = ask(&server, &mut client, b"GET / HTTP/1.0\r\n\r\n", "HTTP/1.0");
+        assert_hello(&response, "GET / HTTP/1.0");
+        assert_connection(&response, "close", "GET / HTTP/1.0");
+        assert_closes(&server, &mut client, "after answering HTTP/1.0");
+    }
+    let mut client = server.connect();
+    for i in 1..=2 {
+        let request = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+        let what = format!("HTTP/1.0 keep-alive request {i}");
+        let response = ask(&server, &mut client, request, &what);
+        assert_hello(&response, &what);
+        assert_connection(&response, "keep-alive", &what);
+    }
+}
+
+/// `Connection: close` from the client is answered with `Connection: close`, then a close.
+pub fn connection_close_honoured(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let mut client = server.connect();
+    let response = ask(
+        &server,
+        &mut client,
+        b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        "close",
+    );
+    assert_hello(&response, "GET / with Connection: close");
+    assert_connection(&response, "close", "a request with Connection: close");
+    assert_closes(&server, &mut client, "after Connection: close");
+}
+
+/// Requests sent back to back in one write are all answered, in order: first three different
+/// ones, then 200 `GET /bytes/i`.
+pub fn pipelining_in_order(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let mut client = server.connect();
+    client.send(
+        b"GET /bytes/5 HTTP/1.1\r\nHost: test\r\n\r\n\
+          HEAD / HTTP/1.1\r\nHost: test\r\n\r\n\
+          GET / HTTP/1.1\r\nHost: test\r\n\r\n",
+    );
+    let first = expect_response(&server, &mut client, false, RESPONSE_WITHIN, "pipelined 1");
+    assert_bytes(&first, 5, "pipelined GET /bytes/5");
+    let second = expect_response(&server, &mut client, true, RESPONSE_WITHIN, "pipelined 2");
+    assert_status(&second, 200, "pipelined HEAD /");
+    assert_eq!(
+        second.content_length(),
+        Some(HELLO.len()),
+        "HEAD /: {second:?}"
+    );
+    let third = expect_response(&server, &mut client, false, RESPONSE_WITHIN, "pipelined 3");
+    assert_hello(&third, "pipelined GET /");
+
+    let many = 200;
+    let batch: String = (0..many)
+        .map(|i| format!("GET /bytes/{i} HTTP/1.1\r\nHost: test\r\n\r\n"))
+        .collect();
+    client.send(batch.as_bytes());
+    for i in 0..many {
+        let what = format!("pipelined GET /bytes/{i} ({} of {many})", i + 1);
+        let response = expect_response(&server, &mut client, false, RESPONSE_WITHIN, &what);
+        assert_bytes(&response, i, &what);
+    }
+}
+
+/// Bytes that are not an HTTP request get `400`, then a close.
+pub fn malformed_is_400_and_closed(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    for request in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+    ] {
+        refused(&server, request, 400);
+    }
+}
+
+/// A request head over 8 KiB is `431`, whether or not its blank line ever comes (an endless
+/// head must not make the server wait or buffer forever); a head of exactly 8 KiB is served.
+pub fn head_over_8k_is_431(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    refused(&server, &request_head(9 * 1024, true), 431);
+    refused(&server, &request_head(9 * 1024, false), 431);
+    refused(&server, &request_head(MAX_HEAD + 1, true), 431);
+    let mut client = server.connect();
+    let response = ask(
+        &server,
+        &mut client,
+        &request_head(MAX_HEAD, true),
+        "8 KiB head",
+    );
+    assert_hello(&response, "a head of exactly 8192 bytes");
+}
+
+/// A request with a body (`Content-Length` over 0) is `413`, then a close; `Content-Length: 0`
+/// is no body at all, and is served.
+pub fn request_body_is_413(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    for method in ["GET", "POST"] {
+        let request =
+            format!("{method} / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello");
+        refused(&server, request.as_bytes(), 413);
+    }
+    let mut client = server.connect();
+    let response = ask(
+        &server,
+        &mut client,
+        b"GET / HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n",
+        "length 0",
+    );
+    assert_hello(&response, "GET / with Content-Length: 0");
+}
+
+/// `Transfer-Encoding` is not supported: `501`, then a close.
+pub fn transfer_encoding_is_501(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    refused(
+        &server,
+        b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        501,
+    );
+}
+
+/// Framing that could hide a second request (request smuggling) is `400`, then a close:
+/// `Content-Length` with `Transfer-Encoding`, two `Content-Length`s, or a length that is not
+/// plain digits.
+pub fn smuggling_framing_is_400(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let both = b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    refused(&server, both, 400);
+    refused(
+        &server,
+        b"GET / HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        400,
+    );
+    for value in ["+5", "-1", "0x5", "5,5", ""] {
+        let request = format!("GET / HTTP/1.1\r\nHost: test\r\nContent-Length: {value}\r\n\r\n");
+        refused(&server, request.as_bytes(), 400);
+    }
+}
+
+/// After an error response nothing more is read as a request: a "body" that looks like a second
+/// request gets no answer of its own.
+pub fn error_response_closes(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    refused(
+        &server,
+        b"POST / HTTP/1.1\r\nContent-Length: 26\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+        413,
+    );
+}
+
+/// With `--timeout-secs 1`, a connection that sends nothing is closed within a few seconds, and
+/// so is an idle keep-alive connection after an answered request.
+pub fn idle_connection_closed_after_timeout(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, &with(args, &["--timeout-secs", "1"]));
+    let mut silent = server.connect();
+    assert_closed_after_idle(&server, &mut silent, Instant::now(), "a silent connection");
+    drop(silent);
+    let mut client = server.connect();
+    assert_hello(&client.get("/"), "GET / before idling");
+    let answered = Instant::now();
+    assert_closed_after_idle(
+        &server,
+        &mut client,
+        answered,
+        "an idle keep-alive connection",
+    );
+}
+
+/// With `--timeout-secs 2`, a client that dribbles its head one byte every 100 ms, never
+/// finishing it, is cut off within 6 s of its first byte: the deadline covers the whole head,
+/// where a per-read timeout would never fire.
+pub fn dribbled_head_cut_at_deadline(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, &with(args, &["--timeout-secs", "2"]));
+    let mut client = server.connect();
+    let head = b"GET / HTTP/1.1\r\nHost: test\r\nX-Dribble: ";
+    let mut bytes = head.iter().chain(std::iter::repeat(&b'a'));
+    let first = Instant::now();
+    let mut cut = false;
+    while !cut && first.elapsed() < Duration::from_secs(6) {
+        let byte = *bytes.next().expect("an endless dribble");
+        // A write fails once the server's close has reached us; else a read sees it.
+        cut = client.try_send(&[byte]).is_err() || client.closed_within(Duration::from_millis(100));
+    }
+    let took = first.elapsed();
+    assert!(
+        cut,
+        "a head dribbled a byte every 100 ms was still open after {took:?}; server stderr:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "cut after only {took:?}, before the 2 s deadline"
+    );
+}
+
+/// A client that sends its request and then `shutdown(SHUT_WR)` still gets the whole answer,
+/// then end-of-file.
+pub fn half_close_still_answered(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let mut client = server.connect();
+    client.send(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+    client.shutdown_write();
+    let response = expect_response(&server, &mut client, false, RESPONSE_WITHIN, "half-closed");
+    assert_hello(&response, "GET / then shutdown(SHUT_WR)");
+    assert_closes(
+        &server,
+        &mut client,
+        "after answering a half-closed connection",
+    );
+}
+
+/// Clients that reset their connections in the middle of a big answer do not hurt the server:
+/// it lives on and answers the next client.
+pub fn client_resets_are_harmless(bin: &str, args: &[&str]) {
+    let mut server = Server::start(bin, args);
+    let clients: Vec<Client> = (0..20)
+        .map(|_| {
+            let mut client = server.connect();
+            client.send(b"GET /bytes/8388608 HTTP/1.1\r\nHost: test\r\n\r\n");
+            client
+        })
+        .collect();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let mut byte = [0];
+        client
+            .stream
+            .set_read_timeout(Some(RESPONSE_WITHIN))
+            .expect("set_read_timeout");
+        client
+            .stream
+            .read_exact(&mut byte)
+            .unwrap_or_else(|err| panic!("client {i}: no first byte of /bytes/8388608: {err}"));
+        client.reset();
+    }
+    assert!(
+        server.is_alive(),
+        "the server died after client resets:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+    assert_hello(&server.get("/"), "GET / after 20 resets");
+}
+
+/// Out of file descriptors, the server neither hangs, spins nor dies: new clients get `503` or
+/// a close, it burns almost no CPU while idle, and it serves again once descriptors are back.
+pub fn fd_exhaustion_no_spin_and_recovery(bin: &str, args: &[&str]) {
+    let mut server = Server::start(bin, args);
+    // A limit equal to the lowest free descriptor number leaves no room for a new one (those
+    // already open above it, say inherited ones, stay open). This is done while the server is
+    // idle, with no connection open. A blocking server parked in `accept` has already reserved
+    // a slot for its next connection, so the first client after this may still be served; the
+    // ones after it may not.
+    set_fd_limit(
+        server.pid,
+        u64::try_from(lowest_free_fd(server.pid)).expect("fds are >= 0"),
+    );
+    let first = try_get(&server, Duration::from_secs(5));
+    assert!(
+        matches!(first, Ok(200)) || refused_for_want_of_fds(&first),
+        "the first client after lowering the limit: {first:?}"
+    );
+    for i in 1..=3 {
+        let outcome = try_get(&server, Duration::from_secs(5));
+        assert!(
+            refused_for_want_of_fds(&outcome),
+            "client {i} with no descriptor left must get 503 or a close, got {outcome:?}; \
+             server stderr:\n{}",
+            server.stderr_tail(LOG_LINES)
+        );
+    }
+    let before = cpu_time(server.pid);
+    thread::sleep(Duration::from_secs(1));
+    let burnt = cpu_time(server.pid).saturating_sub(before);
+    assert!(
+        burnt < Duration::from_millis(250),
+        "out of descriptors and idle, the server burnt {burnt:?} of CPU in 1 s: it spins"
+    );
+    assert!(
+        server.is_alive(),
+        "the server died out of descriptors:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+    set_fd_limit(server.pid, 1024);
+    let mut last = None;
+    let served = wait_until(Duration::from_secs(5), || {
+        let outcome = try_get(&server, Duration::from_secs(2));
+        let ok = matches!(outcome, Ok(200));
+        last = Some(outcome);
+        ok
+    });
+    assert!(
+        served,
+        "no 200 within 5 s of raising the limit back; last: {last:?}; server stderr:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+}
+
+/// One `GET /` with `Connection: close` on a new connection: the status, or why there is none
+/// (`TimedOut` if the server never answered, another error if it closed without answering).
+fn try_get(server: &Server, within: Duration) -> io::Result<u16> {
+    let mut client = server.connect();
+    client.try_send(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    Ok(client.read_response(false, within)?.status)
+}
+
+/// Whether `outcome` is one a server out of descriptors may give: `503`, or a close unanswered.
+fn refused_for_want_of_fds(outcome: &io::Result<u16>) -> bool {
+    match outcome {
+        Ok(status) => *status == 503,
+        Err(err) => err.kind() != io::ErrorKind::TimedOut,
+    }
+}
+
+/// `args` followed by `extra`.
+fn with<'a>(args: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    [args, extra].concat()
+}
+
+/// A `GET /` head of exactly `len` bytes, padded with one long header; `complete` ends it with
+/// the blank line, otherwise it just stops (a head that never ends).
+fn request_head(len: usize, complete: bool) -> Vec<u8> {
+    let start = b"GET / HTTP/1.1\r\nHost: test\r\nX-Pad: ";
+    let end: &[u8] = if complete { b"\r\n\r\n" } else { b"" };
+    let pad = len - start.len() - end.len();
+    [&start[..], &vec![b'a'; pad], end].concat()
+}
+
+/// Sends `request` on a new connection and expects exactly one answer with `status` and
+/// `Connection: close`, then a close with nothing more. Returns the answer for further checks.
+#[track_caller]
+fn refused(server: &Server, request: &[u8], status: u16) -> Response {
+    let mut client = server.connect();
+    let what = format!("the request {}", preview(request));
+    let response = ask(server, &mut client, request, &what);
+    assert_status(&response, status, &what);
+    assert_connection(&response, "close", &what);
+    assert_closes(server, &mut client, &format!("after {status} to {what}"));
+    response
+}
+
+/// Sends `HEAD path` and `GET /` in one write, checks that the second is the hello right after
+/// the first (so the first had no body), and returns the answer to the `HEAD`.
+#[track_caller]
+fn head_then_get(server: &Server, path: &str) -> Response {
+    let mut client = server.connect();
+    let what = format!("HEAD {path}");
+    client.send(
+        format!("{what} HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            .as_bytes(),
+    );
+    let head = expect_response(server, &mut client, true, RESPONSE_WITHIN, &what);
+    assert_status(&head, 200, &what);
+    let next = expect_response(
+        server,
+        &mut client,
+        false,
+        RESPONSE_WITHIN,
+        "GET / after HEAD",
+    );
+    assert_hello(
+        &next,
+        &format!("GET / right after {what} (stray body bytes?)"),
+    );
+    head
+}
+
+/// Sends `request` on `client` and reads one response (not to a `HEAD`), or panics.
+#[track_caller]
+fn ask(server: &Server, client: &mut Client, request: &[u8], what: &str) -> Response {
+    client.send(request);
+    expect_response(server, client, false, RESPONSE_WITHIN, what)
+}
+
+/// Reads one response, or panics saying what was awaited, why it failed, and what the server
+/// logged.
+#[track_caller]
+fn expect_response(
+    server: &Server,
+    client: &mut Client,
+    head_only: bool,
+    within: Duration,
+    what: &str,
+) -> Response {
+    match client.read_response(head_only, within) {
+        Ok(response) => response,
+        Err(err) => panic!(
+            "{what}: no valid response: {err}; server stderr:\n{}",
+            server.stderr_tail(LOG_LINES)
+        ),
+    }
+}
+
+#[track_caller]
+fn assert_status(response: &Response, status: u16, what: &str) {
+    assert_eq!(
+        response.status,
+        status,
+        "{what}: expected {status}, got {} {:?} body {}",
+        response.status,
+        response.headers,
+        preview(&response.body)
+    );
+}
+
+#[track_caller]
+fn assert_hello(response: &Response, what: &str) {
+    assert_status(response, 200, what);
+    assert_eq!(
+        response.content_length(),
+        Some(HELLO.len()),
+        "{what}: {response:?}"
+    );
+    assert_eq!(
+        response.body,
+        HELLO,
+        "{what}: body {}",
+        preview(&response.body)
+    );
+}
+
+#[track_caller]
+fn assert_bytes(response: &Response, n: usize, what: &str) {
+    assert_status(response, 200, what);
+    assert_eq!(
+        response.content_length(),
+        Some(n),
+        "{what}: Content-Length in {:?}",
+        response.headers
+    );
+    assert_eq!(response.body.len(), n, "{what}: body length");
+    if let Some(i) = pattern_mismatch(&response.body) {
+        panic!(
+            "{what}: byte {i} is {:?}, expected {:?}",
+            char::from(response.body[i]),
+            char::from(LINE[i % LINE.len()])
+        );
+    }
+}
+
+#[track_caller]
+fn assert_connection(response: &Response, want: &str, what: &str) {
+    let got = response.header("Connection");
+    assert!(
+        got.is_some_and(|got| got.eq_ignore_ascii_case(want)),
+        "{what} must be answered with Connection: {want}, got {got:?}"
+    );
+}
+
+#[track_caller]
+fn assert_closes(server: &Server, client: &mut Client, what: &str) {
+    assert!(
+        client.closed_within(CLOSE_WITHIN),
+        "{what}: the connection is still open after {CLOSE_WITHIN:?}; server stderr:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+}
+
+/// The server closes `client` within 5 s of `since`, but not before about half a second.
+#[track_caller]
+fn assert_closed_after_idle(server: &Server, client: &mut Client, since: Instant, what: &str) {
+    assert_closes(server, client, what);
+    let took = since.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "{what} was closed after only {took:?}; --timeout-secs is 1"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pattern_checker_finds_the_first_wrong_byte() {
+        let mut body: Vec<u8> = LINE.iter().cycle().take(200).copied().collect();
+        assert_eq!(pattern_mismatch(&body), None);
+        body[130] = b'!';
+        assert_eq!(pattern_mismatch(&body), Some(130));
+    }
+
+    #[test]
+    fn the_suite_macro_lists_every_behaviour() {
+        // A behaviour added here but forgotten in `contract_suite!` would silently never run.
+        let source = include_str!("contract.rs");
+        let (suite, functions) = source
+            .split_once("\n/// The body of `/bytes/N`")
+            .expect("the macro comes first");
+        let behaviours: Vec<&str> = functions
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("pub fn ")?
+                    .strip_suffix("(bin: &str, args: &[&str]) {")
+            })
+            .collect();
+        assert!(behaviours.len() >= 20, "found only {behaviours:?}");
+        for name in behaviours {
+            assert!(
+                suite.contains(&format!("            {name},\n")),
+                "contract::{name} is missing from contract_suite!"
+            );
+        }
+    }
+
+    #[test]
+    fn request_heads_have_the_length_asked_for() {
+        assert_eq!(request_head(MAX_HEAD, true).len(), MAX_HEAD);
+        assert!(request_head(MAX_HEAD, true).ends_with(b"a\r\n\r\n"));
+        assert!(request_head(9 * 1024, false).ends_with(b"aaaa"));
+    }
+}

@@ -1,0 +1,220 @@
+//! What Linux tells about a process in `/proc/PID`: the same facts `lsof`, `ps` and `top` show.
+
+use std::fs;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How often [`wait_until`] checks its condition.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// The number of open file descriptors: the entries of `/proc/PID/fd`.
+pub fn fd_count(pid: i32) -> usize {
+    fds(pid).len()
+}
+
+/// The highest open descriptor number. The kernel always hands out the lowest free number, so
+/// this is where the next descriptor would go past.
+pub fn max_fd(pid: i32) -> i32 {
+    fds(pid).into_iter().max().unwrap_or(-1)
+}
+
+/// The lowest descriptor number not open: where the kernel puts the next descriptor this
+/// process opens. A soft `RLIMIT_NOFILE` of this number leaves no room for a new one, even if
+/// higher numbers are open (a process may inherit descriptors such as 10 or 251 from its parent).
+pub fn lowest_free_fd(pid: i32) -> i32 {
+    let open = fds(pid);
+    (0..)
+        .find(|fd| !open.contains(fd))
+        .expect("some number is free")
+}
+
+/// The numbers of the open descriptors, read from `/proc/PID/fd` (one entry per descriptor).
+fn fds(pid: i32) -> Vec<i32> {
+    let dir = format!("/proc/{pid}/fd");
+    fs::read_dir(&dir)
+        .unwrap_or_else(|err| panic!("reading {dir}: {err}"))
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The number of threads, from the `Threads:` line of `/proc/PID/status`.
+pub fn threads(pid: i32) -> usize {
+    status_field(pid, "Threads:")
+        .parse()
+        .expect("Threads: is a number")
+}
+
+/// The resident set size in KiB, from the `VmRSS:` line of `/proc/PID/status`.
+pub fn rss_kib(pid: i32) -> u64 {
+    let value = status_field(pid, "VmRSS:");
+    let kib = value.strip_suffix("kB").unwrap_or(&value).trim();
+    kib.parse().expect("VmRSS: is a number of kB")
+}
+
+/// The value after `name` in `/proc/PID/status`, trimmed.
+fn status_field(pid: i32, name: &str) -> String {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {path}: {err}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .unwrap_or_else(|| panic!("{path} has no {name} line"))
+        .trim()
+        .to_string()
+}
+
+/// The fields of `/proc/PID/stat` from the third on (state, ppid, ...), or `None` if the process
+/// is gone. The second field, the command name in parentheses, may itself contain spaces and
+/// parentheses, so the fields start after the *last* `)`.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The state of process `pid` as `ps` shows it (`R` running, `S` sleeping, `Z` zombie, ...),
+/// or `None` if there is no such process.
+pub fn state(pid: i32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// The children of `pid` as (pid, state): `R` running, `S` sleeping, `Z` zombie, and so on.
+/// Found by scanning every `/proc/*/stat` for a parent pid of `pid`.
+pub fn children(pid: i32) -> Vec<(i32, char)> {
+    let entries = fs::read_dir("/proc").expect("reading /proc");
+    let mut children: Vec<(i32, char)> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|candidate| {
+            // A process may exit between the listing and the read: then it is simply skipped.
+            let fields = stat_fields(candidate)?;
+            let state = fields.first()?.chars().next()?;
+            let ppid: i32 = fields.get(1)?.parse().ok()?;
+            (ppid == pid).then_some((candidate, state))
+        })
+        .collect();
+    children.sort_unstable();
+    children
+}
+
+/// How many children of `pid` are zombies: exited, but not yet reaped with `wait`.
+pub fn zombies(pid: i32) -> usize {
+    children(pid)
+        .iter()
+        .filter(|&&(_, state)| state == 'Z')
+        .count()
+}
+
+/// The CPU time `pid` has used so far, user plus system (fields 14 and 15 of
+/// `/proc/PID/stat`, counted in clock ticks).
+pub fn cpu_time(pid: i32) -> Duration {
+    let fields = stat_fields(pid).unwrap_or_else(|| panic!("process {pid} is gone"));
+    // Field 3 (the state) is index 0 here, so fields 14 and 15 are at 11 and 12.
+    let ticks: u64 = fields[11..13]
+        .iter()
+        .map(|field| field.parse::<u64>().expect("utime and stime are numbers"))
+        .sum();
+    // SAFETY: sysconf only reads a system setting; it has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).expect("sysconf(_SC_CLK_TCK) is positive");
+    Duration::from_secs_f64(ticks as f64 / per_second as f64)
+}
+
+/// Sets the soft limit on open descriptors (`RLIMIT_NOFILE`) of another process, `pid`, keeping
+/// its hard limit. Lowering it makes the process run out of descriptors cheaply: its next
+/// `accept` or `open` fails with `EMFILE`. Panics if the kernel refuses.
+pub fn set_fd_limit(pid: i32, soft: u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a null new limit means "only read"; `old` is a valid rlimit for the kernel to fill.
+    let got = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(
+        got,
+        0,
+        "prlimit({pid}) read: {}",
+        std::io::Error::last_os_error()
+    );
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: `new` is a valid rlimit; a null old limit means "do not report the previous one".
+    let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(
+        set,
+        0,
+        "prlimit({pid}, soft {soft}, hard {}): {}",
+        old.rlim_max,
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Checks `done` every 20 ms until it returns `true` (then returns `true`) or `within` has
+/// passed (then returns `false`, after one last check). Every wait in a test should be bounded.
+pub fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        thread::sleep(left.min(POLL_EVERY));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> i32 {
+        i32::try_from(std::process::id()).expect("a pid fits in an i32")
+    }
+
+    #[test]
+    fn reads_our_own_process() {
+        let pid = me();
+        assert!(fd_count(pid) >= 3, "stdin, stdout and stderr at least");
+        assert!(max_fd(pid) >= 2);
+        let free = lowest_free_fd(pid);
+        assert!(free >= 3 && !fds(pid).contains(&free));
+        assert!(threads(pid) >= 1);
+        assert!(rss_kib(pid) > 0);
+        assert!(cpu_time(pid) < Duration::from_secs(3600));
+        assert!(stat_fields(pid).is_some_and(|f| f.len() > 20));
+    }
+
+    #[test]
+    fn finds_our_parent_s_children() {
+        let parent = stat_fields(me())
+            .and_then(|f| f[1].parse::<i32>().ok())
+            .expect("our ppid");
+        assert!(children(parent).iter().any(|&(pid, _)| pid == me()));
+    }
+
+    #[test]
+    fn cpu_time_counts_a_busy_loop() {
+        let before = cpu_time(me());
+        let start = Instant::now();
+        let mut spins = 0_u64;
+        while start.elapsed() < Duration::from_millis(300) {
+            spins = std::hint::black_box(spins + 1);
+        }
+        let used = cpu_time(me()) - before;
+        assert!(
+            used >= Duration::from_millis(50),
+            "{spins} spins took only {used:?} of CPU"
+        );
+    }
+
+    #[test]
+    fn wait_until_is_bounded() {
+        let start = Instant::now();
+        assert!(!wait_until(Duration::from_millis(50), || false));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        assert!(wait_until(Duration::ZERO, || true));
+    }
+}

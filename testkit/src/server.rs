@@ -1,0 +1,329 @@
+//! Starting a step's binary, finding its port, and making sure it dies with the test.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::unistd::Pid;
+
+use crate::client::{Client, Response};
+use crate::procfs::wait_until;
+
+/// How long a server may take to print its banner.
+const BANNER_WITHIN: Duration = Duration::from_secs(10);
+/// How long a connection may take to be established.
+const CONNECT_WITHIN: Duration = Duration::from_secs(5);
+
+/// A running server, killed (with everything it forked) and reaped when dropped.
+pub struct Server {
+    /// The server's process id (also its process group id).
+    pub pid: i32,
+    /// Where it listens, as its banner says.
+    pub addr: SocketAddr,
+    child: Child,
+    banner: String,
+    stdout: Captured,
+    stderr: Captured,
+}
+
+impl Server {
+    /// Starts `bin --addr 127.0.0.1:0 ARGS...` and waits (at most 10 s) for its banner, the
+    /// first line on stdout: `listening on http://IP:PORT (pid PID)`.
+    ///
+    /// The server runs in a process group of its own, so that dropping the [`Server`] can kill
+    /// whatever it forked too. Its stdout and stderr are read by background threads as they
+    /// come, so the server never blocks on a full pipe. Panics, showing stderr, if no valid
+    /// banner appears.
+    #[track_caller]
+    pub fn start(bin: &str, args: &[&str]) -> Server {
+        Server::start_wrapped(&[], bin, args)
+    }
+
+    /// Like [`Server::start`], but runs the server under a `wrapper` command that ends by
+    /// executing it, such as `prlimit --nproc=1` or `setpriv --reuid=...`: since each wrapper
+    /// `exec`s the next program, the server keeps the wrapper's pid and process group.
+    #[track_caller]
+    pub fn start_wrapped(wrapper: &[&str], bin: &str, args: &[&str]) -> Server {
+        let mut all = wrapper.to_vec();
+        all.extend_from_slice(&[bin, "--addr", "127.0.0.1:0"]);
+        all.extend_from_slice(args);
+        let (child, stdout, stderr) = spawn(all[0], &all[1..]);
+        let mut server = Server {
+            pid: pid_of(&child),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            child,
+            banner: String::new(),
+            stdout,
+            stderr,
+        };
+        // Until the server is known to be good, `server` owns the child: a panic here drops it,
+        // which kills the process group.
+        let printed = wait_until(BANNER_WITHIN, || {
+            server.stdout.text().contains('\n') || !running(server.pid)
+        });
+        let text = server.stdout.text();
+        let banner = text.lines().next().unwrap_or("").to_string();
+        match (printed, parse_banner(&banner)) {
+            (true, Some((addr, _pid))) => {
+                server.addr = addr;
+                server.banner = banner;
+                server
+            }
+            _ => panic!(
+                "{bin} {all:?} printed no banner `listening on http://IP:PORT (pid PID)` \
+                 within {BANNER_WITHIN:?}; first stdout line: {banner:?}; stderr:\n{}",
+                server.stderr_tail(40)
+            ),
+        }
+    }
+
+    /// The first line the server printed on stdout.
+    pub fn banner(&self) -> &str {
+        &self.banner
+    }
+
+    /// Everything the server wrote to stdout so far (the first MiB).
+    pub fn stdout(&self) -> String {
+        self.stdout.text()
+    }
+
+    /// Everything the server wrote to stderr so far: its hints and its log (the first MiB).
+    pub fn stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// The last `lines` lines of [`Server::stderr`], for failure messages.
+    pub fn stderr_tail(&self, lines: usize) -> String {
+        let text = self.stderr();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Whether the server is still running (not exited or killed). It looks without reaping,
+    /// so a dead server stays a zombie until dropped and its pid cannot be reused meanwhile.
+    pub fn is_alive(&mut self) -> bool {
+        running(self.pid)
+    }
+
+    /// Opens a new connection to the server; panics if that takes more than 5 s.
+    #[track_caller]
+    pub fn connect(&self) -> Client {
+        match TcpStream::connect_timeout(&self.addr, CONNECT_WITHIN) {
+            Ok(stream) => Client::new(stream),
+            Err(err) => panic!("connecting to {}: {err}", self.addr),
+        }
+    }
+
+    /// Opens a new connection, sends one `GET path`, and returns the answer (within 10 s).
+    #[track_caller]
+    pub fn get(&self, path: &str) -> Response {
+        self.connect().get(path)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A negative pid would mean the whole group; `killpg` says it plainly. The group is the
+        // server and everything it forked, grandchildren included (unless they left the group).
+        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        let _ = self.child.wait(); // reap it: no zombie left behind
+    }
+}
+
+/// What a finished command did: its exit status and everything it printed.
+pub struct Finished {
+    /// How the process ended.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+/// Runs `bin ARGS...` to the end, at most `within`; panics (after killing it) if it takes longer.
+/// Meant for commands that exit by themselves, such as `--help`.
+pub fn run(bin: &str, args: &[&str], within: Duration) -> Finished {
+    let (mut child, stdout, stderr) = spawn(bin, args);
+    let pid = pid_of(&child);
+    let exited = wait_until(within, || !running(pid));
+    // Whatever is left of its process group goes too; then the pipes reach end-of-file.
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    let status = child.wait().expect("waitpid");
+    assert!(
+        exited,
+        "{bin} {args:?} did not exit within {within:?}; stderr:\n{}",
+        stderr.text()
+    );
+    wait_until(within, || stdout.is_closed() && stderr.is_closed());
+    Finished {
+        status,
+        stdout: stdout.text(),
+        stderr: stderr.text(),
+    }
+}
+
+/// Whether our child `pid` is still running. `waitid(WNOWAIT)` looks without reaping: a dead
+/// child stays a zombie until `Child::wait`, so its pid (and process group id) cannot be reused
+/// by another process meanwhile, and `killpg` on it can never hit a stranger.
+fn running(pid: i32) -> bool {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    let status = waitid(Id::Pid(Pid::from_raw(pid)), flags);
+    matches!(status.expect("waitid on our child"), WaitStatus::StillAlive)
+}
+
+/// Starts `bin` in a process group of its own, with stdin empty and both outputs captured.
+fn spawn(bin: &str, args: &[&str]) -> (Child, Captured, Captured) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {bin}: {err}"));
+    let stdout = Captured::drain(child.stdout.take().expect("stdout is piped"));
+    let stderr = Captured::drain(child.stderr.take().expect("stderr is piped"));
+    (child, stdout, stderr)
+}
+
+fn pid_of(child: &Child) -> i32 {
+    i32::try_from(child.id()).expect("a pid fits in an i32")
+}
+
+/// Parses `listening on http://IP:PORT (pid PID)` into the address and the pid.
+pub fn parse_banner(line: &str) -> Option<(SocketAddr, i32)> {
+    let rest = line.strip_prefix("listening on http://")?;
+    let (addr, rest) = rest.split_once(" (pid ")?;
+    let pid = rest.strip_suffix(')')?;
+    Some((addr.parse().ok()?, pid.parse().ok()?))
+}
+
+/// Keep at most this much of a stream: a server that logs an error per spin of a busy loop
+/// writes megabytes a second, and a test should neither hoard it nor print it all.
+const KEEP: usize = 1 << 20;
+
+/// The output of a pipe, collected by a background thread until the writer closes it.
+#[derive(Default)]
+struct Captured {
+    shared: Arc<Mutex<Pipe>>,
+}
+
+/// What a drain thread has collected so far.
+#[derive(Default)]
+struct Pipe {
+    /// The first [`KEEP`] bytes.
+    kept: Vec<u8>,
+    /// How many bytes came after those, and were dropped.
+    dropped: usize,
+    /// Whether the writing end is closed (end-of-file was read).
+    closed: bool,
+}
+
+impl Captured {
+    /// Starts a thread that copies everything from `pipe` into the buffer, then marks it closed.
+    fn drain(mut pipe: impl Read + Send + 'static) -> Captured {
+        let captured = Captured::default();
+        let shared = Arc::clone(&captured.shared);
+        thread::spawn(move || {
+            let mut chunk = [0; 4096];
+            loop {
+                match pipe.read(&mut chunk) {
+                    // End-of-file: every process holding the pipe's write end has exited.
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let mut pipe = lock(&shared);
+                        let room = KEEP.saturating_sub(pipe.kept.len()).min(n);
+                        pipe.kept.extend_from_slice(&chunk[..room]);
+                        pipe.dropped += n - room;
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            lock(&shared).closed = true;
+        });
+        captured
+    }
+
+    fn text(&self) -> String {
+        let pipe = lock(&self.shared);
+        let mut text = String::from_utf8_lossy(&pipe.kept).into_owned();
+        if pipe.dropped > 0 {
+            text.push_str(&format!("\n[... {} more bytes not kept]\n", pipe.dropped));
+        }
+        text
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.shared).closed
+    }
+}
+
+/// Locks the buffer; a poisoned lock (a panicking reader thread) still holds valid bytes.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs::{children, state};
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn drop_kills_the_server_and_what_it_forked() {
+        // A stand-in server: a script that forks a child, prints a banner and its args, waits.
+        let path = std::env::temp_dir().join(format!("testkit-{}.sh", std::process::id()));
+        let script = "#!/bin/sh\nsleep 60 &\n\
+                      echo \"listening on http://127.0.0.1:9 (pid $$)\"\n\
+                      echo \"args: $*\" >&2\nwait\n";
+        std::fs::write(&path, script).expect("write the fake server");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut server = Server::start(path.to_str().expect("a UTF-8 path"), &["--flag"]);
+        std::fs::remove_file(&path).expect("remove the fake server");
+
+        assert_eq!(server.addr, SocketAddr::from(([127, 0, 0, 1], 9)));
+        assert!(server.is_alive());
+        let args = "args: --addr 127.0.0.1:0 --flag";
+        assert!(wait_until(BANNER_WITHIN, || server.stderr().contains(args)));
+        let mut forked = Vec::new();
+        assert!(wait_until(BANNER_WITHIN, || {
+            forked = children(server.pid);
+            !forked.is_empty()
+        }));
+        drop(server);
+        // Killed, the orphan is gone, or a zombie until init (or a subreaper) reaps it.
+        let dead = |pid: i32| matches!(state(pid), None | Some('Z'));
+        assert!(wait_until(BANNER_WITHIN, || forked
+            .iter()
+            .all(|&(pid, _)| dead(pid))));
+    }
+
+    #[test]
+    fn run_reports_exit_status_and_output() {
+        let script = "echo out; echo err >&2; exit 3";
+        let finished = run("/bin/sh", &["-c", script], BANNER_WITHIN);
+        assert_eq!(finished.status.code(), Some(3));
+        let output = (finished.stdout.as_str(), finished.stderr.as_str());
+        assert_eq!(output, ("out\n", "err\n"));
+    }
+
+    #[test]
+    fn parses_the_banner() {
+        let (addr, pid) =
+            parse_banner("listening on http://127.0.0.1:4321 (pid 99)").expect("a valid banner");
+        assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], 4321)));
+        assert_eq!(pid, 99);
+        assert_eq!(parse_banner("listening on 127.0.0.1:4321"), None);
+        let bad_pid = "listening on http://127.0.0.1:4321 (pid x)";
+        assert_eq!(parse_banner(bad_pid), None);
+    }
+}
