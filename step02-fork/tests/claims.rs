@@ -299,14 +299,7 @@ fn resets_mid_response_leave_no_zombies() {
         client.send(b"GET /bytes/8388608 HTTP/1.1\r\nHost: test\r\n\r\n");
         let mut first = [0u8; 1];
         std::io::Read::read_exact(&mut client.stream, &mut first).expect("first byte");
-        // SO_LINGER with a zero timeout: close sends RST instead of FIN, discarding the data.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        nix::sys::socket::setsockopt(&client.stream, nix::sys::socket::sockopt::Linger, &linger)
-            .expect("SO_LINGER");
-        drop(client);
+        client.reset(); // RST, not FIN: the child's next write fails with ECONNRESET or EPIPE
     }
     assert!(
         wait_until(SERVED, || children(server.pid).is_empty()),
@@ -346,24 +339,8 @@ fn leak_runs_out_of_fds_without_spinning() {
 
 #[test]
 fn fork_failure_answers_503() {
-    // RLIMIT_NPROC caps the processes of the real user id, but root (and any process with
-    // CAP_SYS_RESOURCE or CAP_SYS_ADMIN) is exempt. So as root we run the server as `nobody`,
-    // whose one process (the server itself) already fills a limit of 1: every fork fails with
-    // EAGAIN. As another user, a limit of 0 does the same.
-    let root = nix::unistd::geteuid().is_root();
-    let wrapper: &[&str] = if root {
-        &[
-            "prlimit",
-            "--nproc=1",
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-        ]
-    } else {
-        &["prlimit", "--nproc=0"]
-    };
-    let mut server = Server::start_wrapped(wrapper, BIN, &[]);
+    // Under RLIMIT_NPROC every fork fails with EAGAIN (see `start_unable_to_spawn`).
+    let mut server = Server::start_unable_to_spawn(BIN, &[]);
     let response = server.get("/");
     assert_eq!(response.status, 503, "a fork that failed must answer 503");
     assert!(server.is_alive(), "the parent died when fork failed");

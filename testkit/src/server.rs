@@ -83,6 +83,28 @@ impl Server {
         }
     }
 
+    /// Starts the server where it can create no process and no thread: under an `RLIMIT_NPROC`
+    /// that its own single task already fills, so every `fork` and every thread spawn fails
+    /// with `EAGAIN`. The limit counts the tasks of the real user id, and root (uid 0) is
+    /// exempt, so as root the server runs as `nobody` (`setpriv`); both tools come with
+    /// util-linux. The binary must be readable and executable by `nobody`, as build output is.
+    #[track_caller]
+    pub fn start_unable_to_spawn(bin: &str, args: &[&str]) -> Server {
+        let wrapper: &[&str] = if nix::unistd::geteuid().is_root() {
+            &[
+                "prlimit",
+                "--nproc=1",
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ]
+        } else {
+            &["prlimit", "--nproc=0"]
+        };
+        Server::start_wrapped(wrapper, bin, args)
+    }
+
     /// The first line the server printed on stdout.
     pub fn banner(&self) -> &str {
         &self.banner
