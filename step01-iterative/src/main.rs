@@ -32,6 +32,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use http::{Parse, Response, Status};
 
 fn main() -> anyhow::Result<()> {
+    // ANCHOR: setup
     let args = Args::parse();
     let timeout = Duration::from_secs(args.timeout_secs);
     set_fd_limit(args.max_fds)?;
@@ -39,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         TcpListener::bind(&args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
     let mut reserve = Reserve::open()?;
     announce(&listener)?;
+    // ANCHOR_END: setup
 
     // ANCHOR: accept_loop
     // The whole model: take one connection, serve it to the end, then take the next. Meanwhile
@@ -57,6 +59,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 // ANCHOR: handle_connection
+// ANCHOR: serve
 /// Serves one client until it closes, breaks the rules, or keeps us waiting past `timeout`.
 fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()> {
     // A write blocks while the client's receive window is full; give up on a client that reads
@@ -89,7 +92,9 @@ fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()>
         }
     }
 }
+// ANCHOR_END: serve
 
+// ANCHOR: read_more
 /// Reads whatever the client sent next, waiting no later than `deadline`. Returns `false` if
 /// the client closed its side (a read of 0 bytes is end-of-file) or the deadline passed.
 fn read_more(
@@ -122,7 +127,9 @@ fn read_more(
         Err(err) => Err(err),
     }
 }
+// ANCHOR_END: read_more
 
+// ANCHOR: send
 /// Writes a whole response; `write_all` loops over partial writes for us.
 fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
     stream.write_all(&response.bytes)?;
@@ -134,6 +141,7 @@ fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
     }
     Ok(())
 }
+// ANCHOR_END: send
 // ANCHOR_END: handle_connection
 
 // ANCHOR: reserve
@@ -165,10 +173,10 @@ impl Reserve {
     }
 
     fn refuse_one(&mut self, listener: &TcpListener) {
-        eprintln!("accept: out of file descriptors; answering 503");
         self.0 = None; // closes the spare: one descriptor is free now
         match listener.accept() {
             Ok((mut stream, _)) => {
+                eprintln!("accept: out of file descriptors; answering 503");
                 let refusal = http::reject(Status::ServiceUnavailable, "out of file descriptors");
                 let _ = send(&mut stream, &refusal); // best effort; it closes either way
             }
@@ -185,6 +193,7 @@ impl Reserve {
 }
 // ANCHOR_END: reserve
 
+// ANCHOR: args
 /// Step 1: an iterative HTTP server that serves one connection at a time.
 #[derive(Parser)]
 #[command(version, about)]
@@ -200,7 +209,9 @@ struct Args {
     #[arg(long, value_name = "N")]
     max_fds: Option<u64>,
 }
+// ANCHOR_END: args
 
+// ANCHOR: set_fd_limit
 /// Sets the soft limit on open file descriptors: to `max_fds` if given, so that running out is
 /// cheap to try, or else up to the hard limit, as servers do.
 fn set_fd_limit(max_fds: Option<u64>) -> anyhow::Result<()> {
@@ -209,6 +220,7 @@ fn set_fd_limit(max_fds: Option<u64>) -> anyhow::Result<()> {
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard)
         .with_context(|| format!("cannot set RLIMIT_NOFILE to {soft} (hard limit {hard})"))
 }
+// ANCHOR_END: set_fd_limit
 
 /// Prints the banner that tests and the benchmark read, then hints for a human.
 fn announce(listener: &TcpListener) -> anyhow::Result<()> {

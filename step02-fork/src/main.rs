@@ -231,10 +231,12 @@ impl Reserve {
     }
 
     fn refuse_one(&mut self, listener: &TcpListener) {
-        eprintln!("accept: out of file descriptors; answering 503");
         self.0 = None; // closes the spare: one descriptor is free now
         match listener.accept() {
-            Ok((stream, _)) => refuse(stream, "out of file descriptors"),
+            Ok((stream, _)) => {
+                eprintln!("accept: out of file descriptors; answering 503");
+                refuse(stream, "out of file descriptors");
+            }
             Err(err) => {
                 eprintln!("accept: {err}; pausing 100 ms");
                 thread::sleep(Duration::from_millis(100));

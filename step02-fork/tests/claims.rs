@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use testkit::procfs::{children, cpu_time, fd_count, lowest_free_fd, set_fd_limit, zombies};
+use testkit::procfs::{children, cpu_time, fd_count, sockets, zombies};
 use testkit::{Server, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_step02-fork");
@@ -21,30 +21,6 @@ fn requests(server: &Server, n: usize) {
     for _ in 0..n {
         assert_eq!(server.get("/").status, 200);
     }
-}
-
-/// The descriptors of `pid` that are sockets: (fd number, socket inode).
-fn sockets(pid: i32) -> Vec<(i32, u64)> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return found; // the process is gone
-    };
-    for entry in entries.flatten() {
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy().into_owned();
-        let inode = target
-            .strip_prefix("socket:[")
-            .and_then(|rest| rest.strip_suffix(']'))
-            .and_then(|inode| inode.parse().ok());
-        let fd = entry.file_name().to_string_lossy().parse().ok();
-        if let (Some(fd), Some(inode)) = (fd, inode) {
-            found.push((fd, inode));
-        }
-    }
-    found.sort();
-    found
 }
 
 /// Starts a `/sleep/MS` request on a new connection and returns it with the pid of the child
@@ -71,8 +47,8 @@ fn two_slow_clients_served_at_once() {
     let started = Instant::now();
     let mut first = server.connect();
     let mut second = server.connect();
-    first.send(b"GET /sleep/2000 HTTP/1.1\r\nHost: test\r\n\r\n");
-    second.send(b"GET /sleep/2000 HTTP/1.1\r\nHost: test\r\n\r\n");
+    first.send(b"GET /sleep/3000 HTTP/1.1\r\nHost: test\r\n\r\n");
+    second.send(b"GET /sleep/3000 HTTP/1.1\r\nHost: test\r\n\r\n");
     // While both sleep, a third client is answered at once.
     let quick = Instant::now();
     assert_eq!(server.get("/").status, 200);
@@ -89,10 +65,10 @@ fn two_slow_clients_served_at_once() {
         second.read_response(false, SERVED).expect("second").status,
         200
     );
-    // One after the other would take 4 s; side by side, 2 s.
+    // One after the other would take 6 s; side by side, 3 s.
     assert!(
-        started.elapsed() < Duration::from_millis(3500),
-        "two 2 s requests took {:?}: they were not served at once",
+        started.elapsed() < Duration::from_millis(4500),
+        "two 3 s requests took {:?}: they were not served at once",
         started.elapsed()
     );
 }
@@ -311,13 +287,33 @@ fn resets_mid_response_leave_no_zombies() {
 }
 
 #[test]
+fn parent_needs_one_descriptor_of_room() {
+    // Room for a single connection in the parent: it holds each one only from accept to fork,
+    // so that is enough to serve several slow clients at once.
+    let server = Server::start_with_fd_room(BIN, &[], 1);
+    let started = Instant::now();
+    let mut slow: Vec<_> = (0..3).map(|_| server.connect()).collect();
+    for client in &mut slow {
+        client.send(b"GET /sleep/2000 HTTP/1.1\r\nHost: test\r\n\r\n");
+    }
+    for client in &mut slow {
+        assert_eq!(
+            client.read_response(false, SERVED).expect("slow").status,
+            200
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(4500),
+        "three 2 s requests took {:?}: not served at once (one after the other: 6 s)",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn leak_runs_out_of_fds_without_spinning() {
-    let mut server = Server::start(BIN, &["--leak"]);
-    // Room for exactly three more descriptors. The parent, parked in accept, has already
-    // claimed the lowest free number for the next connection, which is within the room.
-    let room = 3;
-    set_fd_limit(server.pid, lowest_free_fd(server.pid) as u64 + room);
-    requests(&server, room as usize);
+    // Room for three descriptors: with --leak, three connections fill it for good.
+    let mut server = Server::start_with_fd_room(BIN, &["--leak"], 3);
+    requests(&server, 3);
     // Now every descriptor is taken by a leaked connection: each new client gets 503.
     for _ in 0..3 {
         assert_eq!(server.get("/").status, 503);
@@ -332,7 +328,7 @@ fn leak_runs_out_of_fds_without_spinning() {
     );
     assert!(server.is_alive());
     assert!(
-        server.stderr().contains("out of file descriptors"),
+        server.has_logged("out of file descriptors"),
         "the refusals were not logged"
     );
 }
@@ -344,10 +340,7 @@ fn fork_failure_answers_503() {
     let response = server.get("/");
     assert_eq!(response.status, 503, "a fork that failed must answer 503");
     assert!(server.is_alive(), "the parent died when fork failed");
-    assert!(
-        server.stderr().contains("fork"),
-        "the failure was not logged"
-    );
+    assert!(server.has_logged("fork"), "the failure was not logged");
     // It goes on refusing, and living, as long as the limit holds.
     assert_eq!(server.get("/").status, 503);
 }

@@ -83,9 +83,11 @@ fn spawn_failure_answers_503() {
         );
     }
     assert!(server.is_alive(), "the server died when spawn failed");
-    assert!(
-        server.stderr().contains("spawn"),
-        "the failure was not logged"
-    );
+    assert!(server.has_logged("spawn"), "the failure was not logged");
     assert_eq!(threads(server.pid), 1);
+}
+
+#[test]
+fn out_of_fds_until_clients_leave() {
+    testkit::shared::out_of_fds_until_clients_leave(BIN, &[]);
 }

@@ -88,10 +88,7 @@ fn full_queue_answers_503() {
             200
         );
     }
-    assert!(
-        server.stderr().contains("queue full"),
-        "refusals were not logged"
-    );
+    assert!(server.has_logged("queue full"), "refusals were not logged");
 }
 
 #[test]
@@ -126,4 +123,9 @@ fn dribbled_head_cannot_hold_a_worker() {
             started.elapsed()
         );
     });
+}
+
+#[test]
+fn out_of_fds_until_clients_leave() {
+    testkit::shared::out_of_fds_until_clients_leave(BIN, &[]);
 }

@@ -5,13 +5,14 @@
 //! expected and what came instead. [`contract_suite!`](crate::contract_suite) turns them all into
 //! `#[test]`s. Timings are only generous bounds that tell "blocked" from "served".
 
-use std::io::{self, Read};
+use std::io::Read;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::client::{Client, RESPONSE_WITHIN, Response, preview};
-use crate::procfs::{cpu_time, lowest_free_fd, set_fd_limit, wait_until};
+use crate::procfs::{cpu_time, fd_limits, lowest_free_fd, set_fd_limit, wait_until};
 use crate::server::{Server, run};
+use crate::shared::{refused_for_want_of_fds, try_get};
 
 /// Expands to one `#[test] fn` per behaviour of the contract, each calling the function of the
 /// same name in [`contract`](crate::contract) with the given binary and extra arguments.
@@ -50,6 +51,7 @@ macro_rules! contract_suite {
             half_close_still_answered,
             client_resets_are_harmless,
             fd_exhaustion_no_spin_and_recovery,
+            max_fds_sets_the_soft_limit,
         );
     };
     (@each $bin:expr, $args:expr; $($name:ident),* $(,)?) => {
@@ -525,20 +527,18 @@ pub fn fd_exhaustion_no_spin_and_recovery(bin: &str, args: &[&str]) {
     );
 }
 
-/// One `GET /` with `Connection: close` on a new connection: the status, or why there is none
-/// (`TimedOut` if the server never answered, another error if it closed without answering).
-fn try_get(server: &Server, within: Duration) -> io::Result<u16> {
-    let mut client = server.connect();
-    client.try_send(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
-    Ok(client.read_response(false, within)?.status)
-}
-
-/// Whether `outcome` is one a server out of descriptors may give: `503`, or a close unanswered.
-fn refused_for_want_of_fds(outcome: &io::Result<u16>) -> bool {
-    match outcome {
-        Ok(status) => *status == 503,
-        Err(err) => err.kind() != io::ErrorKind::TimedOut,
-    }
+/// `--max-fds N` sets the soft `RLIMIT_NOFILE` to N; without it, the soft limit is raised to
+/// the hard one.
+pub fn max_fds_sets_the_soft_limit(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, &with(args, &["--max-fds", "100"]));
+    let (soft, _) = fd_limits(server.pid);
+    assert_eq!(soft, 100, "--max-fds 100 must set the soft limit to 100");
+    let server = Server::start(bin, args);
+    let (soft, hard) = fd_limits(server.pid);
+    assert_eq!(
+        soft, hard,
+        "without --max-fds the soft limit must be raised to the hard one"
+    );
 }
 
 /// `args` followed by `extra`.

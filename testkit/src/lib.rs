@@ -6,6 +6,7 @@
 //! - [`Client`] sends raw bytes and reads raw responses, always with a deadline, so a server
 //!   that hangs fails a test instead of freezing it.
 //! - [`procfs`] reads descriptors, threads, children, CPU time and memory of a process.
+//! - [`shared`] holds claims that several steps make, but not all.
 //! - [`contract`] holds one function per behaviour that every step's server keeps, and
 //!   [`contract_suite!`] turns them into one `#[test]` each.
 //!
@@ -18,6 +19,7 @@ pub mod client;
 pub mod contract;
 pub mod procfs;
 pub mod server;
+pub mod shared;
 
 pub use client::{Client, Response};
 pub use procfs::wait_until;

@@ -28,6 +28,46 @@ pub fn lowest_free_fd(pid: i32) -> i32 {
         .expect("some number is free")
 }
 
+/// The soft and hard limits on open descriptors (`RLIMIT_NOFILE`), from `/proc/PID/limits`.
+pub fn fd_limits(pid: i32) -> (u64, u64) {
+    let path = format!("/proc/{pid}/limits");
+    let limits = fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {path}: {err}"));
+    let line = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .unwrap_or_else(|| panic!("no `Max open files` line in {path}"));
+    let mut numbers = line
+        .split_whitespace()
+        .map(|n| n.parse().expect("a number"));
+    let soft = numbers.next().expect("a soft limit");
+    let hard = numbers.next().expect("a hard limit");
+    (soft, hard)
+}
+
+/// The descriptors of `pid` that are sockets: (fd number, socket inode).
+pub fn sockets(pid: i32) -> Vec<(i32, u64)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return found; // the process is gone
+    };
+    for entry in entries.flatten() {
+        let Ok(target) = fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        let inode = target
+            .strip_prefix("socket:[")
+            .and_then(|rest| rest.strip_suffix(']'))
+            .and_then(|inode| inode.parse().ok());
+        let fd = entry.file_name().to_string_lossy().parse().ok();
+        if let (Some(fd), Some(inode)) = (fd, inode) {
+            found.push((fd, inode));
+        }
+    }
+    found.sort();
+    found
+}
+
 /// The numbers of the open descriptors, read from `/proc/PID/fd` (one entry per descriptor).
 fn fds(pid: i32) -> Vec<i32> {
     let dir = format!("/proc/{pid}/fd");

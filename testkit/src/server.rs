@@ -4,6 +4,7 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 
 use crate::client::{Client, Response};
-use crate::procfs::wait_until;
+use crate::procfs::{lowest_free_fd, wait_until};
 
 /// How long a server may take to print its banner.
 const BANNER_WITHIN: Duration = Duration::from_secs(10);
@@ -83,26 +84,47 @@ impl Server {
         }
     }
 
+    /// Starts the server with `--max-fds` set so that exactly `room` descriptors are free
+    /// once it is up: a first run finds the lowest free descriptor number of an idle server
+    /// (its stdio, listener and spare below it), and the second run gets that plus `room`.
+    #[track_caller]
+    pub fn start_with_fd_room(bin: &str, args: &[&str], room: u64) -> Server {
+        let base = lowest_free_fd(Server::start(bin, args).pid);
+        let limit = (u64::try_from(base).expect("fds are >= 0") + room).to_string();
+        let server = Server::start(bin, &[args, &["--max-fds", &limit]].concat());
+        assert_eq!(
+            lowest_free_fd(server.pid),
+            base,
+            "the two runs of {bin} opened different descriptors"
+        );
+        server
+    }
+
     /// Starts the server where it can create no process and no thread: under an `RLIMIT_NPROC`
     /// that its own single task already fills, so every `fork` and every thread spawn fails
     /// with `EAGAIN`. The limit counts the tasks of the real user id, and root (uid 0) is
-    /// exempt, so as root the server runs as `nobody` (`setpriv`); both tools come with
-    /// util-linux. The binary must be readable and executable by `nobody`, as build output is.
+    /// exempt, so as root the server runs under a user id of its own (`setpriv`), one that no
+    /// other process has: a process of another test, or of a person, under the same id would
+    /// count against the limit too. Both tools come with util-linux. The binary must be
+    /// readable and executable by others, as build output is.
     #[track_caller]
     pub fn start_unable_to_spawn(bin: &str, args: &[&str]) -> Server {
-        let wrapper: &[&str] = if nix::unistd::geteuid().is_root() {
-            &[
-                "prlimit",
-                "--nproc=1",
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-            ]
-        } else {
-            &["prlimit", "--nproc=0"]
-        };
-        Server::start_wrapped(wrapper, bin, args)
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        if !nix::unistd::geteuid().is_root() {
+            return Server::start_wrapped(&["prlimit", "--nproc=0"], bin, args);
+        }
+        let uid =
+            1_000_000_000 + std::process::id() * 16 + NEXT.fetch_add(1, Ordering::Relaxed) % 16;
+        let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+        let wrapper = [
+            "prlimit",
+            "--nproc=1",
+            "setpriv",
+            &reuid,
+            &regid,
+            "--clear-groups",
+        ];
+        Server::start_wrapped(&wrapper, bin, args)
     }
 
     /// The first line the server printed on stdout.
@@ -118,6 +140,12 @@ impl Server {
     /// Everything the server wrote to stderr so far: its hints and its log (the first MiB).
     pub fn stderr(&self) -> String {
         self.stderr.text()
+    }
+
+    /// Whether the server logs `text` on stderr within 5 s. Its output reaches us through a pipe
+    /// and a reader thread, so a line written just before an answer may arrive just after it.
+    pub fn has_logged(&self, text: &str) -> bool {
+        wait_until(Duration::from_secs(5), || self.stderr().contains(text))
     }
 
     /// The last `lines` lines of [`Server::stderr`], for failure messages.
