@@ -8,6 +8,7 @@
 use std::thread;
 use std::time::Duration;
 
+// ANCHOR: limits
 /// The largest request head we accept, blank line included. A client that sends more without
 /// finishing its head gets `431` and is closed, so it cannot make us buffer without bound.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -17,6 +18,7 @@ const MAX_HEADERS: usize = 64;
 pub const MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// `/sleep/MS` waits at most this long.
 pub const MAX_SLEEP_MS: u64 = 60_000;
+// ANCHOR_END: limits
 
 /// What the bytes received so far amount to.
 pub enum Parse {
@@ -87,6 +89,7 @@ pub struct Response {
 
 /// Looks for one request head at the start of `received`.
 pub fn parse(received: &[u8]) -> Parse {
+    // ANCHOR: head_parse
     // Never look past the limit: a head that is not complete within it is too large.
     let window = &received[..received.len().min(MAX_HEAD)];
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -102,6 +105,8 @@ pub fn parse(received: &[u8]) -> Parse {
         }
         Err(_) => return Parse::Invalid(Status::BadRequest, "malformed request head"),
     };
+    // ANCHOR_END: head_parse
+    // ANCHOR: framing
     let head_only = head.method == Some("HEAD");
     let mut keep_alive = head.version == Some(1); // HTTP/1.1 keeps alive by default, 1.0 does not
     let mut content_length = None;
@@ -151,6 +156,7 @@ pub fn parse(received: &[u8]) -> Parse {
     } else {
         route(head.path.unwrap_or("/"))
     };
+    // ANCHOR_END: framing
     let request = Request {
         head_only,
         keep_alive,
@@ -226,6 +232,7 @@ fn answer(status: Status, why: &str, head_only: bool, keep_alive: bool) -> Respo
     response
 }
 
+// ANCHOR: header
 /// The status line and headers. Every answer has a `Content-Length`, so the client knows where
 /// it ends without our closing the connection; every error closes it all the same.
 fn header(status: Status, content_length: u64, keep_alive: bool) -> Response {
@@ -248,6 +255,7 @@ fn header(status: Status, content_length: u64, keep_alive: bool) -> Response {
         keep_alive,
     }
 }
+// ANCHOR_END: header
 
 /// The body of `/bytes/N` repeats one 64-byte line, so a client can check every byte it got.
 pub const LINE: &[u8; 64] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.\n";
