@@ -54,12 +54,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 // ANCHOR: spawn_handler
+// ANCHOR: stack_size
 /// The stack each connection's thread gets. Rust's default is 2 MiB; a handler needs a few
 /// KiB (a 4 KiB read buffer, httparse's 64 headers), so 128 KiB leaves a wide margin. Only the
 /// pages a thread touches take memory, but every stack reserves its whole size of address
 /// space, plus a guard page that turns an overflow into a crash instead of silent corruption.
 const STACK_SIZE: usize = 128 * 1024;
+// ANCHOR_END: stack_size
 
+// ANCHOR: spawn
 /// Starts a thread to serve this connection, or answers `503` if no thread can be had.
 fn spawn_handler(stream: TcpStream, peer: SocketAddr, timeout: Duration) {
     // The connection is handed over only once the thread exists: if `spawn` fails, it drops
@@ -87,6 +90,7 @@ fn spawn_handler(stream: TcpStream, peer: SocketAddr, timeout: Duration) {
         }
     }
 }
+// ANCHOR_END: spawn
 // ANCHOR_END: spawn_handler
 
 // ANCHOR: handle_connection

@@ -41,10 +41,12 @@ fn main() -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(&args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
     let mut reserve = Reserve::open()?;
+    // ANCHOR: pool
     // All the workers start now, once; they wait on the pool's queue for connections.
     let pool = ThreadPool::with_name("worker".into(), args.workers);
     let capacity = args.workers + args.max_queue; // connections being served or waiting
     let mut refused = 0_u64;
+    // ANCHOR_END: pool
     announce(&listener)?;
 
     // ANCHOR: accept_loop
