@@ -115,6 +115,29 @@ fn reap_double_fork_leaves_no_zombies() {
 }
 
 #[test]
+fn reap_sigchld_reaps_a_burst_of_exits() {
+    // Thirty children that exit at about the same moment: their SIGCHLDs merge (a pending
+    // signal is a bit, not a counter), so a handler that reaped one child per signal would
+    // leave zombies behind. Ours loops until waitpid finds no more.
+    let server = Server::start(BIN, &[]);
+    let mut clients: Vec<_> = (0..30).map(|_| server.connect()).collect();
+    for client in &mut clients {
+        client.send(b"GET /sleep/300 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    }
+    for client in &mut clients {
+        assert_eq!(
+            client.read_response(false, SERVED).expect("answer").status,
+            200
+        );
+    }
+    assert!(
+        wait_until(SETTLE, || children(server.pid).is_empty()),
+        "children left after a burst of exits: {:?}",
+        children(server.pid)
+    );
+}
+
+#[test]
 fn leak_grows_parent_fds() {
     let server = Server::start(BIN, &["--leak"]);
     let base = fd_count(server.pid);

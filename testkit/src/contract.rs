@@ -104,6 +104,20 @@ pub fn help_documents_flags(bin: &str, args: &[&str]) {
             help.stdout
         );
     }
+    bad_flag_is_refused(bin, args);
+}
+
+/// A flag out of range is refused at start, with a message, before anything listens.
+fn bad_flag_is_refused(bin: &str, args: &[&str]) {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&["--addr", "127.0.0.1:0", "--timeout-secs", "0"]);
+    let refused = run(bin, &all, Duration::from_secs(10));
+    assert!(
+        !refused.status.success() && refused.stderr.contains("--timeout-secs"),
+        "--timeout-secs 0 must be refused with a message; exit {}, stderr:\n{}",
+        refused.status,
+        refused.stderr
+    );
 }
 
 /// The first stdout line is exactly `listening on http://127.0.0.1:PORT (pid PID)`, and the
@@ -130,6 +144,8 @@ pub fn banner(bin: &str, args: &[&str]) {
 pub fn hello(bin: &str, args: &[&str]) {
     let server = Server::start(bin, args);
     assert_hello(&server.get("/"), "GET /");
+    // The query string plays no part in routing.
+    assert_hello(&server.get("/?name=reader"), "GET /?name=reader");
 }
 
 /// `HEAD /` gets the headers of `GET /` and no body: a `GET` pipelined right behind it parses
@@ -309,8 +325,19 @@ pub fn malformed_is_400_and_closed(bin: &str, args: &[&str]) {
 /// head must not make the server wait or buffer forever); a head of exactly 8 KiB is served.
 pub fn head_over_8k_is_431(bin: &str, args: &[&str]) {
     let server = Server::start(bin, args);
-    refused(&server, &request_head(9 * 1024, true), 431);
+    let too_large = refused(&server, &request_head(9 * 1024, true), 431);
+    assert!(
+        String::from_utf8_lossy(&too_large.body).contains("8 KiB"),
+        "the 431's body should say what was wrong: {too_large:?}"
+    );
     refused(&server, &request_head(9 * 1024, false), 431);
+    // Many small headers in a small head: more than the 64 the parser has room for.
+    let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+    for i in 0..65 {
+        many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    refused(&server, &many, 431);
     refused(&server, &request_head(MAX_HEAD + 1, true), 431);
     let mut client = server.connect();
     let response = ask(
