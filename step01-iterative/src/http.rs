@@ -108,7 +108,8 @@ pub fn parse(received: &[u8]) -> Parse {
     // ANCHOR_END: head_parse
     // ANCHOR: framing
     let head_only = head.method == Some("HEAD");
-    let mut keep_alive = head.version == Some(1); // HTTP/1.1 keeps alive by default, 1.0 does not
+    // HTTP/1.1 keeps alive by default, 1.0 only if asked; `close` anywhere wins over all else.
+    let (mut asked_keep_alive, mut asked_close) = (false, false);
     let mut content_length = None;
     let mut transfer_encoding = false;
     let mut refuse = None;
@@ -127,18 +128,14 @@ pub fn parse(received: &[u8]) -> Parse {
         } else if name.eq_ignore_ascii_case("Transfer-Encoding") {
             transfer_encoding = true;
         } else if name.eq_ignore_ascii_case("Connection") {
-            for token in header.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                    break; // `close` wins over anything else in the list
-                }
-                if token.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                }
+            // A list, which may also be split over several Connection headers.
+            for token in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                asked_close |= token.eq_ignore_ascii_case(b"close");
+                asked_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
     }
+    let keep_alive = !asked_close && (head.version == Some(1) || asked_keep_alive);
     // Framing first: if we cannot tell where this request ends, we cannot trust what follows it.
     let route = if let Some(why) = refuse {
         Route::Error(Status::BadRequest, why)
@@ -206,7 +203,7 @@ pub fn respond(request: &Request) -> Response {
             thread::sleep(Duration::from_millis(ms));
             (HELLO.len() as u64, HELLO)
         }
-        Route::Error(status, why) => return answer(status, why, request.head_only, false),
+        Route::Error(status, why) => return answer(status, why, request.head_only),
     };
     let mut response = header(Status::Ok, length, request.keep_alive);
     if !request.head_only {
@@ -220,12 +217,12 @@ const HELLO: &[u8] = b"Hello, world!\n";
 
 /// An error answer (`Connection: close`) for input we refuse or load we cannot take.
 pub fn reject(status: Status, why: &str) -> Response {
-    answer(status, why, false, false)
+    answer(status, why, false)
 }
 
-fn answer(status: Status, why: &str, head_only: bool, keep_alive: bool) -> Response {
+fn answer(status: Status, why: &str, head_only: bool) -> Response {
     let text = format!("{} {}: {why}\n", status as u16, status.reason());
-    let mut response = header(status, text.len() as u64, keep_alive);
+    let mut response = header(status, text.len() as u64, false);
     if !head_only {
         response.bytes.extend_from_slice(text.as_bytes());
     }

@@ -147,10 +147,12 @@ fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
 // ANCHOR: reserve
 /// A spare descriptor kept open, so that there is one to give back when the process runs out.
 ///
-/// When every descriptor is taken, `accept` fails with `EMFILE` but leaves the connection in the
-/// queue, so the next `accept` fails at once too: a naive loop spins at 100% CPU. Instead we
-/// close the spare, accept the waiting client into the freed slot, answer `503`, close it, and
-/// take the spare back (libev's and libuv's trick). Service resumes once descriptors free up.
+/// When every descriptor is taken, Linux's `accept` fails with `EMFILE` at once, before it even
+/// looks at the queue (it picks the new descriptor's number first): a naive loop spins at 100%
+/// CPU, client or no client. Instead we close the spare and wait in `accept` for the next
+/// client, answer it `503` from the freed slot, close it, and take the spare back (libev's and
+/// libuv's trick). Since we wait with the spare closed, the first client after descriptors free
+/// up may still get that `503`; the ones after it are served.
 struct Reserve(Option<File>);
 
 impl Reserve {
@@ -175,10 +177,9 @@ impl Reserve {
     fn refuse_one(&mut self, listener: &TcpListener) {
         self.0 = None; // closes the spare: one descriptor is free now
         match listener.accept() {
-            Ok((mut stream, _)) => {
+            Ok((stream, _)) => {
                 eprintln!("accept: out of file descriptors; answering 503");
-                let refusal = http::reject(Status::ServiceUnavailable, "out of file descriptors");
-                let _ = send(&mut stream, &refusal); // best effort; it closes either way
+                refuse(stream, "out of file descriptors");
             }
             Err(err) => {
                 eprintln!("accept: {err}; pausing 100 ms");
@@ -192,6 +193,13 @@ impl Reserve {
     }
 }
 // ANCHOR_END: reserve
+
+// ANCHOR: refuse
+/// Answers `503` to a connection we cannot serve, and closes it.
+fn refuse(mut stream: TcpStream, why: &str) {
+    let _ = send(&mut stream, &http::reject(Status::ServiceUnavailable, why)); // best effort
+}
+// ANCHOR_END: refuse
 
 // ANCHOR: args
 /// Step 1: an iterative HTTP server that serves one connection at a time.

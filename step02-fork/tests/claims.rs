@@ -265,7 +265,7 @@ fn lowest_fd_reused_without_leak() {
 
 #[test]
 fn sigchld_burst_leaves_parent_serving() {
-    let mut server = Server::start(BIN, &[]);
+    let server = Server::start(BIN, &[]);
     let mut slow = server.connect();
     slow.send(b"GET /sleep/500 HTTP/1.1\r\nHost: test\r\n\r\n");
     // A thousand SIGCHLDs with no child to reap: each runs the handler, which finds nothing to
@@ -292,7 +292,7 @@ fn sigchld_burst_leaves_parent_serving() {
 
 #[test]
 fn resets_mid_response_leave_no_zombies() {
-    let mut server = Server::start(BIN, &[]);
+    let server = Server::start(BIN, &[]);
     for _ in 0..50 {
         let mut client = server.connect();
         client.send(b"GET /bytes/8388608 HTTP/1.1\r\nHost: test\r\n\r\n");
@@ -335,7 +335,7 @@ fn parent_needs_one_descriptor_of_room() {
 #[test]
 fn leak_runs_out_of_fds_without_spinning() {
     // Room for three descriptors: with --leak, three connections fill it for good.
-    let mut server = Server::start_with_fd_room(BIN, &["--leak"], 3);
+    let server = Server::start_with_fd_room(BIN, &["--leak"], 3);
     requests(&server, 3);
     // Now every descriptor is taken by a leaked connection: each new client gets 503.
     for _ in 0..3 {
@@ -359,7 +359,7 @@ fn leak_runs_out_of_fds_without_spinning() {
 #[test]
 fn fork_failure_answers_503() {
     // Under RLIMIT_NPROC every fork fails with EAGAIN (see `start_unable_to_spawn`).
-    let mut server = Server::start_unable_to_spawn(BIN, &[]);
+    let server = Server::start_unable_to_spawn(BIN, &[]);
     let response = server.get("/");
     assert_eq!(response.status, 503, "a fork that failed must answer 503");
     assert!(server.is_alive(), "the parent died when fork failed");

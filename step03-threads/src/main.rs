@@ -34,6 +34,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use http::{Parse, Response, Status};
 
 fn main() -> anyhow::Result<()> {
+    // ANCHOR: setup
     let args = Args::parse();
     let timeout = Duration::from_secs(args.timeout_secs);
     set_fd_limit(args.max_fds)?;
@@ -41,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         TcpListener::bind(&args.addr).with_context(|| format!("cannot listen on {}", args.addr))?;
     let mut reserve = Reserve::open()?;
     announce(&listener)?;
+    // ANCHOR_END: setup
 
     // ANCHOR: accept_loop
     // The main thread only accepts; each connection gets a thread of its own.
@@ -94,6 +96,7 @@ fn spawn_handler(stream: TcpStream, peer: SocketAddr, timeout: Duration) {
 // ANCHOR_END: spawn_handler
 
 // ANCHOR: handle_connection
+// ANCHOR: serve
 /// Serves one client until it closes, breaks the rules, or keeps us waiting past `timeout`.
 fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()> {
     // A write blocks while the client's receive window is full; give up on a client that reads
@@ -126,7 +129,9 @@ fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()>
         }
     }
 }
+// ANCHOR_END: serve
 
+// ANCHOR: read_more
 /// Reads whatever the client sent next, waiting no later than `deadline`. Returns `false` if
 /// the client closed its side (a read of 0 bytes is end-of-file) or the deadline passed.
 fn read_more(
@@ -159,7 +164,9 @@ fn read_more(
         Err(err) => Err(err),
     }
 }
+// ANCHOR_END: read_more
 
+// ANCHOR: send
 /// Writes a whole response; `write_all` loops over partial writes for us.
 fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
     stream.write_all(&response.bytes)?;
@@ -171,15 +178,18 @@ fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
     }
     Ok(())
 }
+// ANCHOR_END: send
 // ANCHOR_END: handle_connection
 
 // ANCHOR: reserve
 /// A spare descriptor kept open, so that there is one to give back when the process runs out.
 ///
-/// When every descriptor is taken, `accept` fails with `EMFILE` but leaves the connection in the
-/// queue, so the next `accept` fails at once too: a naive loop spins at 100% CPU. Instead we
-/// close the spare, accept the waiting client into the freed slot, answer `503`, close it, and
-/// take the spare back (libev's and libuv's trick). Service resumes once descriptors free up.
+/// When every descriptor is taken, Linux's `accept` fails with `EMFILE` at once, before it even
+/// looks at the queue (it picks the new descriptor's number first): a naive loop spins at 100%
+/// CPU, client or no client. Instead we close the spare and wait in `accept` for the next
+/// client, answer it `503` from the freed slot, close it, and take the spare back (libev's and
+/// libuv's trick). Since we wait with the spare closed, the first client after descriptors free
+/// up may still get that `503`; the ones after it are served.
 struct Reserve(Option<File>);
 
 impl Reserve {
@@ -228,6 +238,7 @@ fn refuse(mut stream: TcpStream, why: &str) {
 }
 // ANCHOR_END: refuse
 
+// ANCHOR: args
 /// Step 3: an HTTP server that starts a thread per connection.
 #[derive(Parser)]
 #[command(version, about)]
@@ -243,7 +254,9 @@ struct Args {
     #[arg(long, value_name = "N")]
     max_fds: Option<u64>,
 }
+// ANCHOR_END: args
 
+// ANCHOR: set_fd_limit
 /// Sets the soft limit on open file descriptors: to `max_fds` if given, so that running out is
 /// cheap to try, or else up to the hard limit, as servers do.
 fn set_fd_limit(max_fds: Option<u64>) -> anyhow::Result<()> {
@@ -252,6 +265,7 @@ fn set_fd_limit(max_fds: Option<u64>) -> anyhow::Result<()> {
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard)
         .with_context(|| format!("cannot set RLIMIT_NOFILE to {soft} (hard limit {hard})"))
 }
+// ANCHOR_END: set_fd_limit
 
 /// Prints the banner that tests and the benchmark read, then hints for a human.
 fn announce(listener: &TcpListener) -> anyhow::Result<()> {

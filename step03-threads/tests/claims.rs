@@ -74,7 +74,7 @@ fn hundreds_of_keep_alive_clients_are_answered() {
 #[test]
 fn spawn_failure_answers_503() {
     // RLIMIT_NPROC counts threads too (each is a task of the user): no thread can start.
-    let mut server = Server::start_unable_to_spawn(BIN, &[]);
+    let server = Server::start_unable_to_spawn(BIN, &[]);
     for _ in 0..3 {
         assert_eq!(
             server.get("/").status,

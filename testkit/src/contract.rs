@@ -28,6 +28,7 @@ macro_rules! contract_suite {
     ($bin:expr, $args:expr $(,)?) => {
         $crate::contract_suite!(@each $bin, $args;
             help_documents_flags,
+            bad_flag_is_refused,
             banner,
             hello,
             head_has_no_body,
@@ -104,11 +105,10 @@ pub fn help_documents_flags(bin: &str, args: &[&str]) {
             help.stdout
         );
     }
-    bad_flag_is_refused(bin, args);
 }
 
 /// A flag out of range is refused at start, with a message, before anything listens.
-fn bad_flag_is_refused(bin: &str, args: &[&str]) {
+pub fn bad_flag_is_refused(bin: &str, args: &[&str]) {
     let mut all = args.to_vec();
     all.extend_from_slice(&["--addr", "127.0.0.1:0", "--timeout-secs", "0"]);
     let refused = run(bin, &all, Duration::from_secs(10));
@@ -263,16 +263,20 @@ pub fn http10_closes_unless_keep_alive(bin: &str, args: &[&str]) {
 /// `Connection: close` from the client is answered with `Connection: close`, then a close.
 pub fn connection_close_honoured(bin: &str, args: &[&str]) {
     let server = Server::start(bin, args);
-    let mut client = server.connect();
-    let response = ask(
-        &server,
-        &mut client,
-        b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
-        "close",
-    );
-    assert_hello(&response, "GET / with Connection: close");
-    assert_connection(&response, "close", "a request with Connection: close");
-    assert_closes(&server, &mut client, "after Connection: close");
+    // `close` wins wherever it stands: alone, in a list, or in one of several headers.
+    for headers in [
+        "Connection: close\r\n",
+        "Connection: keep-alive, close\r\n",
+        "Connection: close\r\nConnection: keep-alive\r\n",
+    ] {
+        let mut client = server.connect();
+        let request = format!("GET / HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
+        let what = format!("GET / with {headers:?}");
+        let response = ask(&server, &mut client, request.as_bytes(), &what);
+        assert_hello(&response, &what);
+        assert_connection(&response, "close", &what);
+        assert_closes(&server, &mut client, &format!("after {what}"));
+    }
 }
 
 /// Requests sent back to back in one write are all answered, in order: first three different
@@ -472,7 +476,7 @@ pub fn half_close_still_answered(bin: &str, args: &[&str]) {
 /// Clients that reset their connections in the middle of a big answer do not hurt the server:
 /// it lives on and answers the next client.
 pub fn client_resets_are_harmless(bin: &str, args: &[&str]) {
-    let mut server = Server::start(bin, args);
+    let server = Server::start(bin, args);
     let clients: Vec<Client> = (0..20)
         .map(|_| {
             let mut client = server.connect();
@@ -503,7 +507,8 @@ pub fn client_resets_are_harmless(bin: &str, args: &[&str]) {
 /// Out of file descriptors, the server neither hangs, spins nor dies: new clients get `503` or
 /// a close, it burns almost no CPU while idle, and it serves again once descriptors are back.
 pub fn fd_exhaustion_no_spin_and_recovery(bin: &str, args: &[&str]) {
-    let mut server = Server::start(bin, args);
+    let server = Server::start(bin, args);
+    let (original, _) = fd_limits(server.pid);
     // A limit equal to the lowest free descriptor number leaves no room for a new one (those
     // already open above it, say inherited ones, stay open). This is done while the server is
     // idle, with no connection open. A blocking server parked in `accept` has already reserved
@@ -539,7 +544,7 @@ pub fn fd_exhaustion_no_spin_and_recovery(bin: &str, args: &[&str]) {
         "the server died out of descriptors:\n{}",
         server.stderr_tail(LOG_LINES)
     );
-    set_fd_limit(server.pid, 1024);
+    set_fd_limit(server.pid, original);
     let mut last = None;
     let served = wait_until(Duration::from_secs(5), || {
         let outcome = try_get(&server, Duration::from_secs(2));

@@ -113,8 +113,10 @@ impl Server {
         if !nix::unistd::geteuid().is_root() {
             return Server::start_wrapped(&["prlimit", "--nproc=0"], bin, args);
         }
-        let uid =
-            1_000_000_000 + std::process::id() * 16 + NEXT.fetch_add(1, Ordering::Relaxed) % 16;
+        // A fresh uid per call: this process's pid, then a count, above the ids people use.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 1000, "start_unable_to_spawn: out of fresh user ids");
+        let uid = 1_000_000_000 + (std::process::id() % 1_000_000) * 1000 + n;
         let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
         let wrapper = [
             "prlimit",
@@ -157,7 +159,7 @@ impl Server {
 
     /// Whether the server is still running (not exited or killed). It looks without reaping,
     /// so a dead server stays a zombie until dropped and its pid cannot be reused meanwhile.
-    pub fn is_alive(&mut self) -> bool {
+    pub fn is_alive(&self) -> bool {
         running(self.pid)
     }
 
@@ -337,7 +339,7 @@ mod tests {
                       echo \"args: $*\" >&2\nwait\n";
         std::fs::write(&path, script).expect("write the fake server");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mut server = Server::start(path.to_str().expect("a UTF-8 path"), &["--flag"]);
+        let server = Server::start(path.to_str().expect("a UTF-8 path"), &["--flag"]);
         std::fs::remove_file(&path).expect("remove the fake server");
 
         assert_eq!(server.addr, SocketAddr::from(([127, 0, 0, 1], 9)));

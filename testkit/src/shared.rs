@@ -14,8 +14,7 @@ use crate::server::Server;
 /// `503` (or closed) while the server neither dies nor spins; once the two leave, clients are
 /// served again. (Steps 1 and 2 never hold two connections in the accepting process.)
 pub fn out_of_fds_until_clients_leave(bin: &str, args: &[&str]) {
-    let mut server =
-        Server::start_with_fd_room(bin, &[args, &["--timeout-secs", "30"]].concat(), 2);
+    let server = Server::start_with_fd_room(bin, &[args, &["--timeout-secs", "30"]].concat(), 2);
     let idle: Vec<Client> = (0..2).map(|_| server.connect()).collect();
     // The listener and the two connections. (Counting all descriptors would not do: with no
     // room left, the server closes its spare as soon as it calls `accept` again.)

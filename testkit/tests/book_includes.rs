@@ -32,6 +32,9 @@ fn includes() -> Vec<Include> {
     for chapter in chapters() {
         let text = fs::read_to_string(&chapter).expect("chapter is readable");
         for (at, _) in text.match_indices("{{#") {
+            if text[..at].ends_with('\\') {
+                continue; // `\{{#include ...}}` is mdBook's way to show the text itself
+            }
             let rest = &text[at + 3..];
             let Some(rest) = rest
                 .strip_prefix("include ")
@@ -58,18 +61,19 @@ fn includes() -> Vec<Include> {
 
 /// The lines between `ANCHOR: name` and `ANCHOR_END: name`, without other anchor markers.
 fn anchored_region(text: &str, anchor: &str) -> Option<Vec<String>> {
+    // mdBook accepts `ANCHOR: name` and `ANCHOR:name`.
     let is_marker = |line: &str, kind: &str| {
         line.split_once(kind)
             .is_some_and(|(_, name)| name.trim() == anchor)
     };
     let mut lines = text.lines();
-    lines.by_ref().find(|line| is_marker(line, "ANCHOR: "))?;
+    lines.by_ref().find(|line| is_marker(line, "ANCHOR:"))?;
     let mut region = Vec::new();
     for line in lines {
-        if is_marker(line, "ANCHOR_END: ") {
+        if is_marker(line, "ANCHOR_END:") {
             return Some(region);
         }
-        if !line.contains("ANCHOR: ") && !line.contains("ANCHOR_END: ") {
+        if !line.contains("ANCHOR:") && !line.contains("ANCHOR_END:") {
             region.push(line.to_string());
         }
     }
@@ -96,10 +100,15 @@ fn every_include_names_an_existing_file_and_a_non_empty_region() {
         };
         let region: Vec<String> = match include.selector.as_deref() {
             None => text.lines().map(str::to_string).collect(),
-            Some(selector) if selector.starts_with(|c: char| c.is_ascii_digit()) => {
+            // Line ranges: `N`, `N:`, `N:M`, `:M` (1-based, inclusive).
+            Some(selector) if selector.starts_with(|c: char| c.is_ascii_digit() || c == ':') => {
                 let mut bounds = selector.split(':').map(|n| n.parse::<usize>().ok());
                 let start = bounds.next().flatten().unwrap_or(1).max(1);
-                let end = bounds.next().flatten().unwrap_or(usize::MAX);
+                // `N` alone is that one line; `N:` runs to the end.
+                let end = match bounds.next() {
+                    None => start,
+                    Some(end) => end.unwrap_or(usize::MAX),
+                };
                 text.lines()
                     .skip(start - 1)
                     .take(end.saturating_sub(start - 1))
@@ -150,4 +159,8 @@ fn the_anchor_finder_finds_what_it_should() {
     assert_eq!(anchored_region(text, "y"), Some(vec!["c".to_string()]));
     assert_eq!(anchored_region(text, "z"), None);
     assert_eq!(anchored_region("// ANCHOR: x\nb\n", "x"), None);
+    assert_eq!(
+        anchored_region("// ANCHOR:x\nb\n// ANCHOR_END:x\n", "x"),
+        Some(vec!["b".to_string()])
+    );
 }
