@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -105,8 +106,9 @@ impl Server {
     /// with `EAGAIN`. The limit counts the tasks of the real user id, and root (uid 0) is
     /// exempt, so as root the server runs under a user id of its own (`setpriv`), one that no
     /// other process has: a process of another test, or of a person, under the same id would
-    /// count against the limit too. Both tools come with util-linux. The binary must be
-    /// readable and executable by others, as build output is.
+    /// count against the limit too. Both tools come with util-linux. That user may not be
+    /// allowed into the build folder (a checkout under `/root`, say), so it runs a copy of the
+    /// binary from a folder of its own in the temporary directory.
     #[track_caller]
     pub fn start_unable_to_spawn(bin: &str, args: &[&str]) -> Server {
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -117,6 +119,14 @@ impl Server {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         assert!(n < 1000, "start_unable_to_spawn: out of fresh user ids");
         let uid = 1_000_000_000 + (std::process::id() % 1_000_000) * 1000 + n;
+        let folder = std::env::temp_dir().join(format!("testkit-uid-{uid}"));
+        let copy = folder.join("server");
+        let world_runnable = std::fs::Permissions::from_mode(0o755);
+        std::fs::create_dir_all(&folder)
+            .and_then(|()| std::fs::set_permissions(&folder, world_runnable.clone()))
+            .and_then(|()| std::fs::copy(bin, &copy))
+            .and_then(|_| std::fs::set_permissions(&copy, world_runnable))
+            .unwrap_or_else(|err| panic!("copying {bin} to {}: {err}", copy.display()));
         let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
         let wrapper = [
             "prlimit",
@@ -126,7 +136,10 @@ impl Server {
             &regid,
             "--clear-groups",
         ];
-        Server::start_wrapped(&wrapper, bin, args)
+        let server = Server::start_wrapped(&wrapper, &copy.to_string_lossy(), args);
+        // The running program keeps its file alive; the name can go.
+        let _ = std::fs::remove_dir_all(&folder);
+        server
     }
 
     /// The first line the server printed on stdout.
