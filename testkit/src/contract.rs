@@ -10,9 +10,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::client::{Client, RESPONSE_WITHIN, Response, preview};
-use crate::procfs::{cpu_time, fd_limits, lowest_free_fd, set_fd_limit, wait_until};
+use crate::procfs::{fd_limits, lowest_free_fd, set_fd_limit, wait_until};
 use crate::server::{Server, run};
-use crate::shared::{refused_for_want_of_fds, try_get};
+use crate::shared::{
+    assert_refusing_without_spinning, assert_served_again, refused_for_want_of_fds, try_get,
+};
 
 /// Expands to one `#[test] fn` per behaviour of the contract, each calling the function of the
 /// same name in [`contract`](crate::contract) with the given binary and extra arguments.
@@ -523,40 +525,9 @@ pub fn fd_exhaustion_no_spin_and_recovery(bin: &str, args: &[&str]) {
         matches!(first, Ok(200)) || refused_for_want_of_fds(&first),
         "the first client after lowering the limit: {first:?}"
     );
-    for i in 1..=3 {
-        let outcome = try_get(&server, Duration::from_secs(5));
-        assert!(
-            refused_for_want_of_fds(&outcome),
-            "client {i} with no descriptor left must get 503 or a close, got {outcome:?}; \
-             server stderr:\n{}",
-            server.stderr_tail(LOG_LINES)
-        );
-    }
-    let before = cpu_time(server.pid);
-    thread::sleep(Duration::from_secs(1));
-    let burnt = cpu_time(server.pid).saturating_sub(before);
-    assert!(
-        burnt < Duration::from_millis(250),
-        "out of descriptors and idle, the server burnt {burnt:?} of CPU in 1 s: it spins"
-    );
-    assert!(
-        server.is_alive(),
-        "the server died out of descriptors:\n{}",
-        server.stderr_tail(LOG_LINES)
-    );
+    assert_refusing_without_spinning(&server);
     set_fd_limit(server.pid, original);
-    let mut last = None;
-    let served = wait_until(Duration::from_secs(5), || {
-        let outcome = try_get(&server, Duration::from_secs(2));
-        let ok = matches!(outcome, Ok(200));
-        last = Some(outcome);
-        ok
-    });
-    assert!(
-        served,
-        "no 200 within 5 s of raising the limit back; last: {last:?}; server stderr:\n{}",
-        server.stderr_tail(LOG_LINES)
-    );
+    assert_served_again(&server, "raising the limit back");
 }
 
 /// `--max-fds N` sets the soft `RLIMIT_NOFILE` to N; without it, the soft limit is raised to
