@@ -41,36 +41,46 @@ fn slow_request(server: &Server, ms: u32) -> (testkit::Client, i32) {
     (client, child.expect("found above"))
 }
 
+/// Sends `/sleep/MS` on `n` connections at once, runs `meanwhile`, then checks that every one
+/// is answered and that all of them together took less than `within`, which the caller sets
+/// well under `n * MS`, the time they would take one after the other.
+fn slow_clients_served_at_once(
+    server: &Server,
+    (n, ms): (u32, u32),
+    within: Duration,
+    meanwhile: impl FnOnce(),
+) {
+    let started = Instant::now();
+    let mut slow: Vec<_> = (0..n).map(|_| server.connect()).collect();
+    for client in &mut slow {
+        client.send(format!("GET /sleep/{ms} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+    }
+    meanwhile();
+    for client in &mut slow {
+        let response = client.read_response(false, SERVED).expect("slow answer");
+        assert_eq!(response.status, 200);
+    }
+    assert!(
+        started.elapsed() < within,
+        "{n} requests of {ms} ms took {:?}: not served at once (one after the other: {} ms)",
+        started.elapsed(),
+        n * ms
+    );
+}
+
 #[test]
 fn two_slow_clients_served_at_once() {
     let server = Server::start(BIN, &[]);
-    let started = Instant::now();
-    let mut first = server.connect();
-    let mut second = server.connect();
-    first.send(b"GET /sleep/3000 HTTP/1.1\r\nHost: test\r\n\r\n");
-    second.send(b"GET /sleep/3000 HTTP/1.1\r\nHost: test\r\n\r\n");
-    // While both sleep, a third client is answered at once.
-    let quick = Instant::now();
-    assert_eq!(server.get("/").status, 200);
-    assert!(
-        quick.elapsed() < Duration::from_millis(1000),
-        "a quick request waited {:?} behind two slow ones",
-        quick.elapsed()
-    );
-    assert_eq!(
-        first.read_response(false, SERVED).expect("first").status,
-        200
-    );
-    assert_eq!(
-        second.read_response(false, SERVED).expect("second").status,
-        200
-    );
-    // One after the other would take 6 s; side by side, 3 s.
-    assert!(
-        started.elapsed() < Duration::from_millis(4500),
-        "two 3 s requests took {:?}: they were not served at once",
-        started.elapsed()
-    );
+    slow_clients_served_at_once(&server, (2, 3000), Duration::from_millis(4500), || {
+        // While both sleep, a third client is answered at once.
+        let quick = Instant::now();
+        assert_eq!(server.get("/").status, 200);
+        assert!(
+            quick.elapsed() < Duration::from_millis(1000),
+            "a quick request waited {:?} behind two slow ones",
+            quick.elapsed()
+        );
+    });
 }
 
 #[test]
@@ -314,22 +324,7 @@ fn parent_needs_one_descriptor_of_room() {
     // Room for a single connection in the parent: it holds each one only from accept to fork,
     // so that is enough to serve several slow clients at once.
     let server = Server::start_with_fd_room(BIN, &[], 1);
-    let started = Instant::now();
-    let mut slow: Vec<_> = (0..3).map(|_| server.connect()).collect();
-    for client in &mut slow {
-        client.send(b"GET /sleep/2000 HTTP/1.1\r\nHost: test\r\n\r\n");
-    }
-    for client in &mut slow {
-        assert_eq!(
-            client.read_response(false, SERVED).expect("slow").status,
-            200
-        );
-    }
-    assert!(
-        started.elapsed() < Duration::from_millis(4500),
-        "three 2 s requests took {:?}: not served at once (one after the other: 6 s)",
-        started.elapsed()
-    );
+    slow_clients_served_at_once(&server, (3, 2000), Duration::from_millis(4500), || {});
 }
 
 #[test]
