@@ -21,6 +21,7 @@ pub const MAX_SLEEP_MS: u64 = 60_000;
 // ANCHOR_END: limits
 
 /// What the bytes received so far amount to.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Parse {
     /// No whole request head yet: read more, unless the deadline has passed.
     Partial,
@@ -32,6 +33,7 @@ pub enum Parse {
 }
 
 /// A request head we could read, and what to answer.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Request {
     /// `HEAD`: the same headers as `GET`, and no body.
     pub head_only: bool,
@@ -41,6 +43,7 @@ pub struct Request {
 }
 
 /// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Route {
     /// `GET /`
     Hello,
@@ -112,6 +115,7 @@ pub fn parse(received: &[u8]) -> Parse {
     let (mut asked_keep_alive, mut asked_close) = (false, false);
     let mut content_length = None;
     let mut transfer_encoding = false;
+    let mut hosts = 0;
     let mut refuse = None;
     for header in head.headers.iter() {
         let name = header.name;
@@ -127,6 +131,8 @@ pub fn parse(received: &[u8]) -> Parse {
             content_length = Some(digits.parse::<u64>().unwrap_or(u64::MAX));
         } else if name.eq_ignore_ascii_case("Transfer-Encoding") {
             transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case("Host") {
+            hosts += 1;
         } else if name.eq_ignore_ascii_case("Connection") {
             // A list, which may also be split over several Connection headers.
             for token in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -135,8 +141,11 @@ pub fn parse(received: &[u8]) -> Parse {
             }
         }
     }
-    let keep_alive = !asked_close && (head.version == Some(1) || asked_keep_alive);
+    let http11 = head.version == Some(1);
+    let keep_alive = !asked_close && (http11 || asked_keep_alive);
     // Framing first: if we cannot tell where this request ends, we cannot trust what follows it.
+    // Then `Host`, which names the site asked for: HTTP/1.1 requires it (RFC 9112 §3.2), and two
+    // of them could make a proxy and a server disagree about the site. Then method and path.
     let route = if let Some(why) = refuse {
         Route::Error(Status::BadRequest, why)
     } else if transfer_encoding && content_length.is_some() {
@@ -148,6 +157,10 @@ pub fn parse(received: &[u8]) -> Parse {
         Route::Error(Status::NotImplemented, "Transfer-Encoding is not supported")
     } else if content_length.is_some_and(|n| n > 0) {
         Route::Error(Status::PayloadTooLarge, "this server takes no request body")
+    } else if hosts > 1 {
+        Route::Error(Status::BadRequest, "more than one Host header")
+    } else if http11 && hosts == 0 {
+        Route::Error(Status::BadRequest, "HTTP/1.1 needs a Host header")
     } else if !matches!(head.method, Some("GET" | "HEAD")) {
         Route::Error(Status::MethodNotAllowed, "only GET and HEAD")
     } else {
@@ -162,9 +175,12 @@ pub fn parse(received: &[u8]) -> Parse {
     Parse::Complete { len, request }
 }
 
-/// Maps a path (the query string ignored) to what it asks for.
+/// Maps a request target to what it asks for.
 fn route(target: &str) -> Route {
-    let path = target.split('?').next().unwrap_or(target);
+    let Some(path) = path_of(target) else {
+        let why = "the target must be a path (/bytes/10) or a URL (http://host/bytes/10)";
+        return Route::Error(Status::BadRequest, why);
+    };
     if path == "/" {
         return Route::Hello;
     }
@@ -181,6 +197,26 @@ fn route(target: &str) -> Route {
         };
     }
     Route::Error(Status::NotFound, "try /, /bytes/N or /sleep/MS")
+}
+
+/// The path a target names, without its query string. A client sends a server the path alone,
+/// `/bytes/10` (origin form); to a proxy it sends the whole URL, `http://host:8080/bytes/10`
+/// (absolute form), which RFC 9112 §3.2.2 has servers accept too. We serve one site only, so
+/// the scheme and the host tell us nothing: we drop them. `None` for the other two forms, `*`
+/// (for `OPTIONS`) and `host:port` (for `CONNECT`): they name nothing we serve.
+fn path_of(target: &str) -> Option<&str> {
+    let target = target.split('?').next().unwrap_or(target);
+    if target.starts_with('/') {
+        return Some(target);
+    }
+    // The scheme is case-insensitive (`HTTP://` is the same URL). `split_at_checked` rather
+    // than `[..7]`: a target of a few bytes, or with a multi-byte character there, must not panic.
+    let rest = ["http://", "https://"].iter().find_map(|scheme| {
+        let (head, rest) = target.split_at_checked(scheme.len())?;
+        head.eq_ignore_ascii_case(scheme).then_some(rest)
+    })?;
+    // What follows the host (and port) is the path; none at all means `/`.
+    Some(rest.find('/').map_or("/", |slash| &rest[slash..]))
 }
 
 /// Plain decimal digits only (no sign, no spaces); too many digits count as too large.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use testkit::procfs::{children, fd_count, sockets, zombies};
+use testkit::procfs::{children, fd_count, group, sockets, zombies};
 use testkit::{Server, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_step02-fork");
@@ -81,6 +81,77 @@ fn two_slow_clients_served_at_once() {
             quick.elapsed()
         );
     });
+}
+
+#[test]
+fn slow_clients_served_at_once_in_every_reap_mode() {
+    for mode in ["sigchld", "none", "ignore", "double-fork"] {
+        let server = Server::start(BIN, &["--reap", mode]);
+        // Three of 1.5 s would take 4.5 s one after the other.
+        slow_clients_served_at_once(&server, (3, 1500), Duration::from_millis(3000), || {});
+    }
+}
+
+#[test]
+fn double_fork_serves_from_a_grandchild() {
+    let server = Server::start(BIN, &["--reap", "double-fork"]);
+    let mut client = server.connect();
+    client.send(b"GET /sleep/1500 HTTP/1.1\r\nHost: test\r\n\r\n");
+    // The processes of the server's group, other than the server, that hold a socket: once the
+    // middle child has exited, that is the grandchild alone, and init (or a subreaper) has
+    // adopted it. A middle child that served the connection itself would be our child.
+    let mut holders = Vec::new();
+    let adopted = wait_until(SETTLE, || {
+        holders = group(server.pid)
+            .into_iter()
+            .filter(|&(pid, _)| pid != server.pid && !sockets(pid).is_empty())
+            .collect();
+        !holders.is_empty() && holders.iter().all(|&(_, ppid)| ppid != server.pid)
+    });
+    assert!(
+        adopted,
+        "with --reap double-fork, the process serving a connection must not be the server's \
+         child (server {}): (pid, ppid) of the holders {holders:?}",
+        server.pid
+    );
+    assert_eq!(
+        client.read_response(false, SERVED).expect("answer").status,
+        200
+    );
+}
+
+/// A process inherits its parent's `SIGCHLD` disposition and signal mask (a shell or a
+/// supervisor may start it with `SIGCHLD` ignored or blocked); each mode sets its own.
+#[test]
+fn inherited_sigchld_ignored_changes_no_mode() {
+    let ignoring = ["env", "--ignore-signal=CHLD"];
+    let server = Server::start_wrapped(&ignoring, BIN, &["--reap", "none"]);
+    requests(&server, 3);
+    assert!(
+        wait_until(SETTLE, || zombies(server.pid) == 3),
+        "--reap none, started with SIGCHLD ignored: expected 3 zombies, found {:?}",
+        children(server.pid)
+    );
+    let server = Server::start_wrapped(&ignoring, BIN, &["--reap", "double-fork"]);
+    requests(&server, 3);
+    thread::sleep(Duration::from_millis(300)); // a failed waitpid would be logged by now
+    assert!(
+        !server.stderr().contains("waitpid"),
+        "--reap double-fork, started with SIGCHLD ignored: the parent could not wait for its \
+         middle child:\n{}",
+        server.stderr_tail(10)
+    );
+}
+
+#[test]
+fn inherited_sigchld_blocked_is_unblocked() {
+    let server = Server::start_wrapped(&["env", "--block-signal=CHLD"], BIN, &[]);
+    requests(&server, 5);
+    assert!(
+        wait_until(SETTLE, || children(server.pid).is_empty()),
+        "--reap sigchld, started with SIGCHLD blocked: children left {:?}",
+        children(server.pid)
+    );
 }
 
 #[test]

@@ -23,7 +23,8 @@ mod http;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
-use std::net::TcpStream;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::panic;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,16 @@ use clap::Parser;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use threadpool::ThreadPool;
 
-use http::{Parse, Response, Status};
+use http::{Parse, Response, Route, Status};
+
+/// `eprintln!` that never panics. Logging must never be fatal, and `eprintln!` panics when the
+/// write fails: with stderr piped into `head -1`, say, once `head` has left (`EPIPE`). A log
+/// line that cannot be written is dropped.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr(), $($arg)*);
+    }};
+}
 
 fn main() -> anyhow::Result<()> {
     // ANCHOR: setup
@@ -44,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let mut reserve = Reserve::open()?;
     // ANCHOR: pool
     // All the workers start now, once; they wait on the pool's queue for connections.
-    let pool = ThreadPool::with_name("worker".into(), args.workers);
+    let pool = start_pool(args.workers)?;
     let capacity = args.workers + args.max_queue; // connections being served or waiting
     let mut refused = 0_u64;
     // ANCHOR_END: pool
@@ -54,26 +64,31 @@ fn main() -> anyhow::Result<()> {
     // ANCHOR: accept_loop
     // The main thread only accepts and queues; a fixed set of workers serves.
     loop {
-        match listener.accept() {
-            // threadpool's queue has no bound of its own: under overload it would grow without
-            // limit, and every queued client would wait longer than the last. So we bound it:
-            // when every worker is busy and `--max-queue` connections wait, the answer is 503.
-            // The count errs on the safe side: a worker counts as busy until its job returns,
-            // a moment after its client has seen the connection close.
-            Ok((stream, _)) if pool.active_count() + pool.queued_count() >= capacity => {
-                refused += 1;
-                if refused.is_power_of_two() {
-                    eprintln!("queue full: {refused} connections refused with 503 so far");
-                }
-                refuse(stream, "all workers are busy and the queue is full");
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(err) => match reserve.accept_failed(&listener, err) {
+                Some(accepted) => accepted, // taken with the spare descriptor: serve it
+                None => continue,
+            },
+        };
+        // threadpool's queue has no bound of its own: under overload it would grow without limit,
+        // and every queued client would wait longer than the last. So we bound it: when every
+        // worker is busy and `--max-queue` connections wait, the answer is 503. The count errs
+        // on the safe side: a worker counts as busy until its job returns, a moment after its
+        // client has seen the connection close.
+        if pool.active_count() + pool.queued_count() >= capacity {
+            refused += 1;
+            if refused.is_power_of_two() {
+                log!("queue full: {refused} connections refused with 503 so far");
             }
-            Ok((stream, peer)) => pool.execute(move || {
-                if let Err(err) = handle_connection(stream, timeout) {
-                    eprintln!("{peer}: {err}");
-                }
-            }),
-            Err(err) => reserve.accept_failed(&listener, err),
+            refuse(stream, "all workers are busy and the queue is full");
+            continue;
         }
+        pool.execute(move || {
+            if let Err(err) = handle_connection(stream, timeout) {
+                log!("{peer}: {err}");
+            }
+        });
     }
     // ANCHOR_END: accept_loop
 }
@@ -82,9 +97,6 @@ fn main() -> anyhow::Result<()> {
 // ANCHOR: serve
 /// Serves one client until it closes, breaks the rules, or keeps us waiting past `timeout`.
 fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()> {
-    // A write blocks while the client's receive window is full; give up on a client that reads
-    // nothing at all for `timeout`.
-    stream.set_write_timeout(Some(timeout))?;
     // Bytes received and not yet answered: part of a head, or requests sent back to back
     // (pipelined) that we answer one after the other, in order.
     let mut received = Vec::new();
@@ -96,7 +108,9 @@ fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()>
             match http::parse(&received) {
                 Parse::Complete { len, request } => break (len, request),
                 Parse::Invalid(status, why) => {
-                    return send(&mut stream, &http::reject(status, why));
+                    send(&mut stream, &http::reject(status, why), timeout)?;
+                    linger(stream); // the rest of that head may still be coming
+                    return Ok(());
                 }
                 Parse::Partial => {}
             }
@@ -106,9 +120,14 @@ fn handle_connection(mut stream: TcpStream, timeout: Duration) -> io::Result<()>
         };
         received.drain(..len);
         let response = http::respond(&request);
-        send(&mut stream, &response)?;
+        send(&mut stream, &response, timeout)?;
         if !response.keep_alive {
-            return Ok(()); // dropping `stream` closes the socket
+            // A refused request's body may still be on its way, or requests pipelined after
+            // this one: then close politely. Otherwise dropping `stream` closes the socket.
+            if matches!(request.route, Route::Error(..)) || !received.is_empty() {
+                linger(stream);
+            }
+            return Ok(());
         }
     }
 }
@@ -150,18 +169,104 @@ fn read_more(
 // ANCHOR_END: read_more
 
 // ANCHOR: send
-/// Writes a whole response; `write_all` loops over partial writes for us.
-fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
-    stream.write_all(&response.bytes)?;
+/// Writes a whole response, as long as the client takes it fast enough (see [`Pace`]).
+fn send(stream: &mut TcpStream, response: &Response, timeout: Duration) -> io::Result<()> {
+    let mut pace = Pace::new(timeout);
+    pace.write_all(stream, &response.bytes)?;
     let mut left = response.more;
     while left > 0 {
         let chunk = http::pattern(left);
-        stream.write_all(chunk)?;
+        pace.write_all(stream, chunk)?;
         left -= chunk.len() as u64;
     }
     Ok(())
 }
 // ANCHOR_END: send
+
+// ANCHOR: pace
+/// The slowest a client may take a response: at least this many bytes a second, counted over
+/// each window of `--timeout-secs`.
+const MIN_RATE: u64 = 16 * 1024;
+
+/// The write deadline of one response. A write blocks while the client's receive window is
+/// full, and a timeout per `write` call would not bound that: a client that takes a few bytes
+/// just before each timeout would hold us forever. So the deadline is a rate: in each window
+/// of `--timeout-secs`, the client must take `MIN_RATE` bytes a second or lose the response.
+struct Pace {
+    window: Duration,
+    window_end: Instant,
+    /// Bytes still owed in this window.
+    owed: u64,
+}
+
+impl Pace {
+    fn new(window: Duration) -> Pace {
+        Pace {
+            window,
+            window_end: Instant::now() + window,
+            owed: MIN_RATE * window.as_secs(),
+        }
+    }
+
+    /// `write_all`, but each `write` may block only until the current window ends.
+    fn write_all(&mut self, stream: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let now = Instant::now();
+            if now >= self.window_end {
+                if self.owed > 0 {
+                    let why = format!("client reads slower than {MIN_RATE} bytes/s; abandoned");
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, why));
+                }
+                *self = Pace::new(self.window);
+                continue;
+            }
+            stream.set_write_timeout(Some(self.window_end - now))?;
+            match stream.write(bytes) {
+                // A blocking write returns early only if the timeout (or a signal) cut it
+                // short: it then reports how much went out, or EAGAIN if nothing did.
+                Ok(n) => {
+                    bytes = &bytes[n..];
+                    self.owed = self.owed.saturating_sub(n as u64);
+                }
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+// ANCHOR_END: pace
+
+// ANCHOR: linger
+/// How long a lingering close waits for the client to stop sending, and how much it reads.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Closes a connection whose client may still be sending (RFC 9112 §9.6, nginx's
+/// `lingering_close`). Closing a socket that has unread bytes in it makes the kernel send a
+/// reset (RST) instead of the polite end-of-stream (FIN), and a reset can destroy our answer
+/// before the client has read it. So: send FIN first (shut down our writing side), read and
+/// throw away what still comes for a bounded time and byte count, and only then close.
+fn linger(mut stream: TcpStream) {
+    if stream.shutdown(Shutdown::Write).is_err() {
+        return; // already gone
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let (mut discarded, mut total) = (Vec::new(), 0);
+    while total < LINGER_BYTES
+        && matches!(read_more(&mut stream, &mut discarded, deadline), Ok(true))
+    {
+        total += discarded.len();
+        discarded.clear();
+    }
+} // `stream` is dropped: closed
+// ANCHOR_END: linger
 // ANCHOR_END: handle_connection
 
 // ANCHOR: reserve
@@ -170,9 +275,9 @@ fn send(stream: &mut TcpStream, response: &Response) -> io::Result<()> {
 /// When every descriptor is taken, Linux's `accept` fails with `EMFILE` at once, before it even
 /// looks at the queue (it picks the new descriptor's number first): a naive loop spins at 100%
 /// CPU, client or no client. Instead we close the spare and wait in `accept` for the next
-/// client, answer it `503` from the freed slot, close it, and take the spare back (libev's and
-/// libuv's trick). Since we wait with the spare closed, the first client after descriptors free
-/// up may still get that `503`; the ones after it are served.
+/// client, with the freed slot (libev's and libuv's trick). When one comes, we first try to
+/// take the spare back: if that works, descriptors have come back meanwhile and the client is
+/// served like any other; only if it fails is the client answered `503`.
 struct Reserve(Option<File>);
 
 impl Reserve {
@@ -181,45 +286,75 @@ impl Reserve {
         Ok(Reserve(Some(spare)))
     }
 
-    fn accept_failed(&mut self, listener: &TcpListener, err: io::Error) {
+    /// `accept` failed with `err`. Returns a connection to serve if the spare got us one.
+    fn accept_failed(
+        &mut self,
+        listener: &TcpListener,
+        err: io::Error,
+    ) -> Option<(TcpStream, SocketAddr)> {
         match err.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE) => self.refuse_one(listener),
+            Some(libc::EMFILE | libc::ENFILE) => return self.accept_with_spare(listener),
             // The kernel is short of memory for sockets: give it a moment rather than spin.
             Some(libc::ENOBUFS | libc::ENOMEM) => {
-                eprintln!("accept: {err}; pausing 100 ms");
+                log!("accept: {err}; pausing 100 ms");
                 thread::sleep(Duration::from_millis(100));
             }
             // Anything else concerns that one connection (say, reset while it was queued).
-            _ => eprintln!("accept: {err}"),
+            _ => log!("accept: {err}"),
         }
+        None
     }
 
-    fn refuse_one(&mut self, listener: &TcpListener) {
+    fn accept_with_spare(&mut self, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
         self.0 = None; // closes the spare: one descriptor is free now
-        match listener.accept() {
+        let accepted = listener.accept(); // blocks until a client comes: no spinning
+        self.0 = File::open("/dev/null").ok(); // the spare first: is there room again?
+        match accepted {
+            Ok(accepted) if self.0.is_some() => Some(accepted),
             Ok((stream, _)) => {
-                eprintln!("accept: out of file descriptors; answering 503");
+                log!("accept: out of file descriptors; answering 503");
                 refuse(stream, "out of file descriptors");
+                self.0 = File::open("/dev/null").ok(); // the refused client's slot
+                None
             }
             Err(err) => {
-                eprintln!("accept: {err}; pausing 100 ms");
+                log!("accept: {err}; pausing 100 ms");
                 thread::sleep(Duration::from_millis(100));
+                None
             }
-        }
-        match File::open("/dev/null") {
-            Ok(spare) => self.0 = Some(spare),
-            Err(err) => eprintln!("cannot reopen the reserve descriptor: {err}"),
         }
     }
 }
 // ANCHOR_END: reserve
 
 // ANCHOR: refuse
-/// Answers `503` to a connection we cannot serve, and closes it.
+/// Answers `503` to a connection we cannot serve, before reading its request, and closes it.
 fn refuse(mut stream: TcpStream, why: &str) {
-    let _ = send(&mut stream, &http::reject(Status::ServiceUnavailable, why)); // best effort
+    let answer = http::reject(Status::ServiceUnavailable, why);
+    // Best effort, and quick: a client that does not read its 503 is not worth waiting for.
+    if send(&mut stream, &answer, Duration::from_secs(1)).is_ok() {
+        linger(stream); // its request is still unread
+    }
 }
 // ANCHOR_END: refuse
+
+// ANCHOR: start_pool
+/// Starts the pool's threads. threadpool unwraps each `spawn`, so a process that may start no
+/// more threads (`RLIMIT_NPROC`, `threads-max`, no memory for a stack) would die of a panic
+/// and a backtrace: we catch it and say what happened in one line instead.
+fn start_pool(workers: usize) -> anyhow::Result<ThreadPool> {
+    let hook = panic::take_hook();
+    panic::set_hook(Box::new(|_| {})); // quiet: the error below says it all
+    let started = panic::catch_unwind(|| ThreadPool::with_name("worker".into(), workers));
+    panic::set_hook(hook);
+    started.map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map_or("a panic", String::as_str);
+        anyhow::anyhow!("cannot start {workers} worker threads: {why}")
+    })
+}
+// ANCHOR_END: start_pool
 
 // ANCHOR: args
 /// Step 4: an HTTP server with a fixed pool of worker threads and a bounded queue.
@@ -231,7 +366,7 @@ struct Args {
     addr: String,
     /// Close a connection that has not sent a whole request head for this many seconds
     #[arg(long, value_name = "N", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout_secs: u64,
     /// Set the soft limit on open descriptors (RLIMIT_NOFILE) to N [default: the hard limit]
     #[arg(long, value_name = "N")]
@@ -267,12 +402,12 @@ fn announce(listener: &TcpListener) -> anyhow::Result<()> {
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "listening on http://{addr} (pid {pid})")?;
     stdout.flush()?;
-    eprintln!(
+    log!(
         "try:   curl -v http://{addr}/   (then hold a connection open with: nc {} {})",
         addr.ip(),
         addr.port()
     );
-    eprintln!(
+    log!(
         "watch: grep Threads /proc/{pid}/status   ps -L -o pid,lwp,stat,wchan:16,comm -p {pid}   lsof -p {pid}"
     );
     Ok(())

@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use testkit::procfs::threads;
+use testkit::server::run_unable_to_spawn;
 use testkit::{Client, Server};
 
 const BIN: &str = env!("CARGO_BIN_EXE_step04-pool");
@@ -128,4 +129,25 @@ fn dribbled_head_cannot_hold_a_worker() {
 #[test]
 fn out_of_fds_until_clients_leave() {
     testkit::shared::out_of_fds_until_clients_leave(BIN, &[]);
+}
+
+#[test]
+fn pool_that_cannot_start_is_a_one_line_error() {
+    // threadpool unwraps its spawns: unhandled, no thread to start means a panic at start-up.
+    let finished = run_unable_to_spawn(BIN, &["--addr", "127.0.0.1:0"], SERVED);
+    let first = finished.stderr.lines().next().unwrap_or("");
+    assert!(
+        !finished.status.success() && first.starts_with("Error: cannot start 4 worker threads"),
+        "exit {}, first line of stderr {first:?}",
+        finished.status
+    );
+    assert!(
+        !finished.stderr.contains("panicked"),
+        "a panic instead of an error:\n{}",
+        finished.stderr
+    );
+    assert!(
+        !finished.stdout.contains("listening"),
+        "the banner came before the pool"
+    );
 }

@@ -159,6 +159,32 @@ impl Client {
         }
     }
 
+    /// Keeps `bytes`, read from [`Client::stream`] directly, as received: the next
+    /// [`Client::read_response`] starts with them.
+    pub fn keep(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Reads until the server ends the connection, within `within`: `Ok` for a polite end
+    /// (end-of-file: the server sent FIN), `Err` with `ConnectionReset` for a reset (RST), or
+    /// `TimedOut`. Panics if more bytes arrive, since the server was expected to be done.
+    pub fn end_within(&mut self, within: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if !self.pending.is_empty() {
+                panic!(
+                    "expected the connection to end, but the server sent more: {}",
+                    preview(&self.pending)
+                );
+            }
+            match self.fill(deadline) {
+                Ok(()) => {} // bytes arrived: the check above reports them
+                Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
     /// Closes our sending side (`shutdown(SHUT_WR)`): the server reads end-of-file, but can
     /// still answer, since the other direction stays open.
     #[track_caller]

@@ -5,7 +5,7 @@
 //! expected and what came instead. [`contract_suite!`](crate::contract_suite) turns them all into
 //! `#[test]`s. Timings are only generous bounds that tell "blocked" from "served".
 
-use std::io::Read;
+use std::io::{ErrorKind, Read, Write};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ macro_rules! contract_suite {
             bad_flag_is_refused,
             banner,
             hello,
+            absolute_form_target_served,
             head_has_no_body,
             bytes_exact,
             slow_reader_gets_everything,
@@ -48,6 +49,7 @@ macro_rules! contract_suite {
             request_body_is_413,
             transfer_encoding_is_501,
             smuggling_framing_is_400,
+            host_header_required,
             error_response_closes,
             idle_connection_closed_after_timeout,
             dribbled_head_cut_at_deadline,
@@ -55,6 +57,10 @@ macro_rules! contract_suite {
             client_resets_are_harmless,
             fd_exhaustion_no_spin_and_recovery,
             max_fds_sets_the_soft_limit,
+            lingering_close_after_errors,
+            lingering_close_is_bounded,
+            slow_reader_below_min_rate_cut_off,
+            logging_never_fatal,
         );
     };
     (@each $bin:expr, $args:expr; $($name:ident),* $(,)?) => {
@@ -109,17 +115,21 @@ pub fn help_documents_flags(bin: &str, args: &[&str]) {
     }
 }
 
-/// A flag out of range is refused at start, with a message, before anything listens.
+/// `--timeout-secs` out of its range (1 to 86400, so that no deadline arithmetic can overflow)
+/// is refused at start, with a message, before anything listens; 86400 itself is accepted.
 pub fn bad_flag_is_refused(bin: &str, args: &[&str]) {
-    let mut all = args.to_vec();
-    all.extend_from_slice(&["--addr", "127.0.0.1:0", "--timeout-secs", "0"]);
-    let refused = run(bin, &all, Duration::from_secs(10));
-    assert!(
-        !refused.status.success() && refused.stderr.contains("--timeout-secs"),
-        "--timeout-secs 0 must be refused with a message; exit {}, stderr:\n{}",
-        refused.status,
-        refused.stderr
-    );
+    for value in ["0", "86401", "18446744073709551615"] {
+        let all = with(args, &["--addr", "127.0.0.1:0", "--timeout-secs", value]);
+        let refused = run(bin, &all, Duration::from_secs(10));
+        assert!(
+            !refused.status.success() && refused.stderr.contains("--timeout-secs"),
+            "--timeout-secs {value} must be refused with a message; exit {}, stderr:\n{}",
+            refused.status,
+            refused.stderr
+        );
+    }
+    let server = Server::start(bin, &with(args, &["--timeout-secs", "86400"]));
+    assert_hello(&server.get("/"), "GET / with --timeout-secs 86400");
 }
 
 /// The first stdout line is exactly `listening on http://127.0.0.1:PORT (pid PID)`, and the
@@ -148,6 +158,37 @@ pub fn hello(bin: &str, args: &[&str]) {
     assert_hello(&server.get("/"), "GET /");
     // The query string plays no part in routing.
     assert_hello(&server.get("/?name=reader"), "GET /?name=reader");
+}
+
+/// A target may be a whole URL (absolute form, what clients send to a proxy), which RFC 9112
+/// §3.2.2 requires servers to accept: it is routed by its path, and a URL with no path means `/`.
+/// A target that is neither a path nor a URL (`*`, `host:port`) is `400`.
+pub fn absolute_form_target_served(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let mut client = server.connect();
+    for (target, n) in [
+        ("http://test/", None),
+        ("http://test", None),
+        ("HTTP://test:8080/?q=1", None),
+        ("http://test/bytes/10", Some(10)),
+        ("https://test/bytes/10?q=/x", Some(10)),
+    ] {
+        let what = format!("GET {target}");
+        let request = format!("{what} HTTP/1.1\r\nHost: test\r\n\r\n");
+        let response = ask(&server, &mut client, request.as_bytes(), &what);
+        match n {
+            None => assert_hello(&response, &what),
+            Some(n) => assert_bytes(&response, n, &what),
+        }
+    }
+    drop(client); // step 1 serves one connection at a time
+    let head = head_then_get(&server, "http://test/bytes/10");
+    assert_eq!(head.content_length(), Some(10), "HEAD http://test/bytes/10");
+    assert_status(&server.get("http://test/nope"), 404, "GET http://test/nope");
+    for target in ["*", "test:8080", "test/bytes/10", "ftp://test/"] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: test\r\n\r\n");
+        refused(&server, request.as_bytes(), 400);
+    }
 }
 
 /// `HEAD /` gets the headers of `GET /` and no body: a `GET` pipelined right behind it parses
@@ -320,8 +361,8 @@ pub fn malformed_is_400_and_closed(bin: &str, args: &[&str]) {
     let server = Server::start(bin, args);
     for request in [
         &b"GARBAGE\r\n\r\n"[..],
-        b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
-        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: test\r\nno colon here\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: test\r\n\r\n",
     ] {
         refused(&server, request, 400);
     }
@@ -338,7 +379,7 @@ pub fn head_over_8k_is_431(bin: &str, args: &[&str]) {
     );
     refused(&server, &request_head(9 * 1024, false), 431);
     // Many small headers in a small head: more than the 64 the parser has room for.
-    let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+    let mut many = b"GET / HTTP/1.1\r\nHost: test\r\n".to_vec();
     for i in 0..65 {
         many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
     }
@@ -403,13 +444,35 @@ pub fn smuggling_framing_is_400(bin: &str, args: &[&str]) {
     }
 }
 
+/// An HTTP/1.1 request needs exactly one `Host` header (RFC 9112 §3.2): none, or two, is `400`,
+/// then a close. HTTP/1.0 predates `Host` and is served without one.
+pub fn host_header_required(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    for request in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"GET http://test/ HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: test\r\nHost: test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: one\r\nhost: two\r\n\r\n",
+    ] {
+        let response = refused(&server, request, 400);
+        assert!(
+            String::from_utf8_lossy(&response.body).contains("Host"),
+            "the 400 should say that Host was wrong: {response:?}"
+        );
+    }
+    let mut client = server.connect();
+    let response = ask(&server, &mut client, b"GET / HTTP/1.0\r\n\r\n", "no Host");
+    assert_hello(&response, "GET / HTTP/1.0 without Host");
+}
+
 /// After an error response nothing more is read as a request: a "body" that looks like a second
 /// request gets no answer of its own.
 pub fn error_response_closes(bin: &str, args: &[&str]) {
     let server = Server::start(bin, args);
     refused(
         &server,
-        b"POST / HTTP/1.1\r\nContent-Length: 26\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 38\r\n\r\n\
+          GET /smuggled HTTP/1.1\r\nHost: test\r\n\r\n",
         413,
     );
 }
@@ -542,6 +605,215 @@ pub fn max_fds_sets_the_soft_limit(bin: &str, args: &[&str]) {
         soft, hard,
         "without --max-fds the soft limit must be raised to the hard one"
     );
+}
+
+/// After an error answer with input still unread behind it, the server closes politely (a
+/// lingering close, RFC 9112 §9.6): the client reads the whole answer and then end-of-file,
+/// never a reset, even though it goes on sending for a moment after the answer. Cases: a `413`
+/// whose 128 KiB body follows its head, a 64 KiB head (`431`), bytes pipelined after a `400`.
+/// And a client that sends its whole 3 MB body before reading (as Python's `urllib` does) gets
+/// to send it all and read its `413`.
+pub fn lingering_close_after_errors(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    assert_lingers(&server, &post(128 << 10), 413);
+    assert_lingers(&server, &request_head(64 << 10, false), 431);
+    assert_lingers(
+        &server,
+        b"GARBAGE\r\n\r\nGET / HTTP/1.1\r\nHost: test\r\n\r\n",
+        400,
+    );
+    let mut client = server.connect();
+    let what = "a POST of 3 MB, sent whole before reading";
+    send_whole(&server, &mut client, &post(3_000_000), what);
+    let response = expect_response(&server, &mut client, false, RESPONSE_WITHIN, what);
+    assert_status(&response, 413, what);
+}
+
+/// A lingering close is bounded: a client that never stops sending after its `413` is cut off
+/// (a send fails) within a few seconds, and the server serves others meanwhile and after.
+pub fn lingering_close_is_bounded(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, args);
+    let mut client = server.connect();
+    let what = "an endless POST";
+    client.send(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 99999999999\r\n\r\n");
+    let started = Instant::now();
+    let chunk = [b'x'; 16 << 10];
+    let mut cut = None;
+    client
+        .stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .expect("set_write_timeout");
+    while cut.is_none() && started.elapsed() < Duration::from_secs(10) {
+        match client.stream.write(&chunk) {
+            Ok(_) => {}
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => cut = Some(started.elapsed()),
+        }
+    }
+    let took = cut.unwrap_or_else(|| {
+        panic!(
+            "{what}: still accepted after {:?}: the lingering close has no bound; stderr:\n{}",
+            started.elapsed(),
+            server.stderr_tail(LOG_LINES)
+        )
+    });
+    assert!(
+        took < Duration::from_secs(5),
+        "{what}: cut off only after {took:?}"
+    );
+    assert_hello(&server.get("/"), "GET / after cutting off an endless POST");
+}
+
+/// The write deadline is a minimum rate, not a timeout per `write`: with `--timeout-secs 2`, a
+/// client that takes `/bytes/67108864` at about 10 KiB/s (1 KiB every 100 ms, through a small
+/// receive window so that each of the server's writes does progress) is cut off within a few
+/// windows, short of the whole body. One that takes 256 KiB every 100 ms for 6 s is served whole.
+/// (Near 16 KiB/s the kernel blurs the line: a blocked writer wakes only once a good part of
+/// its send buffer has drained, and a small window slows TCP itself; so the test stays far
+/// from it on either side.)
+pub fn slow_reader_below_min_rate_cut_off(bin: &str, args: &[&str]) {
+    let server = Server::start(bin, &with(args, &["--timeout-secs", "2"]));
+    let n: usize = 64 << 20;
+    let request = format!("GET /bytes/{n} HTTP/1.1\r\nHost: test\r\n\r\n");
+    let mut slow = server.connect_small_window();
+    slow.send(request.as_bytes());
+    let (got, ended) = read_paced(&mut slow, 1024, Duration::from_secs(8));
+    let got = match ended {
+        Some(_) => got,
+        None => got + read_paced(&mut slow, 1 << 20, Duration::from_secs(30)).0,
+    };
+    assert!(
+        got < n,
+        "a reader taking 10 KiB/s for 8 s, then reading fast, got all {got} bytes: the server \
+         never abandoned it, though --timeout-secs 2 demands 16 KiB/s; stderr:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+    let mut steady = server.connect();
+    steady.send(request.as_bytes());
+    let (early, ended) = read_paced(&mut steady, 256 << 10, Duration::from_secs(6));
+    assert!(
+        ended.is_none(),
+        "a reader taking 2.5 MiB/s was cut off after {early} bytes ({ended:?}): above the \
+         minimum rate it must be served; stderr:\n{}",
+        server.stderr_tail(LOG_LINES)
+    );
+    let response = expect_response(&server, &mut steady, false, Duration::from_secs(30), "rest");
+    assert_bytes(
+        &response,
+        n,
+        "/bytes/67108864 read at 2.5 MiB/s for 6 s, then fast",
+    );
+}
+
+/// Reads `chunk` bytes every 100 ms for `during` (or as fast as it can, if `chunk` is 1 MiB or
+/// more) and keeps them for a later [`Client::read_response`]. Returns how many bytes came, and
+/// how the connection ended if it did: `Some(error)` for end-of-file or a reset.
+fn read_paced(client: &mut Client, chunk: usize, during: Duration) -> (usize, Option<String>) {
+    let started = Instant::now();
+    let pause = if chunk >= 1 << 20 {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(100)
+    };
+    let mut got = 0;
+    let mut buffer = vec![0; chunk];
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("set_read_timeout");
+    while started.elapsed() < during {
+        match client.stream.read(&mut buffer) {
+            Ok(0) => return (got, Some("end-of-file".into())),
+            Ok(k) => {
+                got += k;
+                client.keep(&buffer[..k]);
+            }
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if pause.is_zero() {
+                    return (got, Some("nothing for 5 s".into()));
+                }
+            }
+            Err(err) => return (got, Some(err.to_string())),
+        }
+        thread::sleep(pause);
+    }
+    (got, None)
+}
+
+/// Logging is never fatal: with its stderr a pipe whose reader has left (`server 2>&1 | head
+/// -1`), every log line fails with `EPIPE`, and the server still serves, through events it logs
+/// (clients resetting in the middle of an answer).
+pub fn logging_never_fatal(bin: &str, args: &[&str]) {
+    let server = Server::start_with_stderr_gone(bin, args);
+    let serves = |what: &str| {
+        let outcome = try_get(&server, RESPONSE_WITHIN);
+        assert!(
+            matches!(outcome, Ok(200)),
+            "{what}, with stderr gone: {outcome:?}, and the server is {}: a log line that \
+             cannot be written must be dropped (eprintln! panics on EPIPE)",
+            if server.is_alive() { "alive" } else { "dead" }
+        );
+    };
+    serves("GET / after the start-up hints");
+    for _ in 0..3 {
+        let mut client = server.connect();
+        client.send(b"GET /bytes/8388608 HTTP/1.1\r\nHost: test\r\n\r\n");
+        let mut byte = [0];
+        client
+            .stream
+            .set_read_timeout(Some(RESPONSE_WITHIN))
+            .expect("set_read_timeout");
+        client.stream.read_exact(&mut byte).expect("a first byte");
+        client.reset();
+    }
+    serves("GET / after three clients reset mid-answer (each logged)");
+}
+
+/// A POST with a body of `n` bytes, which the contract refuses with `413`.
+fn post(n: usize) -> Vec<u8> {
+    let head = format!("POST / HTTP/1.1\r\nHost: test\r\nContent-Length: {n}\r\n\r\n");
+    [head.as_bytes(), &vec![b'x'; n]].concat()
+}
+
+/// Sends all of `request` before reading anything, as simple clients do; panics if the server
+/// makes that fail by closing without reading (and discarding) what is still coming.
+#[track_caller]
+fn send_whole(server: &Server, client: &mut Client, request: &[u8], what: &str) {
+    client
+        .stream
+        .set_write_timeout(Some(RESPONSE_WITHIN))
+        .expect("set_write_timeout");
+    if let Err(err) = client.try_send(request) {
+        panic!(
+            "{what}: sending failed ({err}): the server closed without reading what was still \
+             coming, so its kernel answered it with a reset; stderr:\n{}",
+            server.stderr_tail(LOG_LINES)
+        );
+    }
+}
+
+/// Sends `request` whole, reads its `status` answer, goes on sending for 250 ms, then expects
+/// end-of-file: a lingering close, not a reset.
+#[track_caller]
+fn assert_lingers(server: &Server, request: &[u8], status: u16) {
+    let mut client = server.connect();
+    let what = format!("the request {}", preview(request));
+    send_whole(server, &mut client, request, &what);
+    let response = expect_response(server, &mut client, false, RESPONSE_WITHIN, &what);
+    assert_status(&response, status, &what);
+    let after = format!("1 KiB sent 50 ms after the {status} to {what}");
+    for _ in 0..5 {
+        thread::sleep(Duration::from_millis(50));
+        send_whole(server, &mut client, &[b'x'; 1024], &after);
+    }
+    if let Err(err) = client.end_within(CLOSE_WITHIN) {
+        panic!(
+            "after the {status} to {what}, the connection ended with {err}, not end-of-file: \
+             no lingering close; stderr:\n{}",
+            server.stderr_tail(LOG_LINES)
+        );
+    }
 }
 
 /// `args` followed by `extra`.

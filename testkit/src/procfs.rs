@@ -136,6 +136,23 @@ pub fn children(pid: i32) -> Vec<(i32, char)> {
     children
 }
 
+/// The processes of process group `pgid` as (pid, parent pid): a server started by testkit
+/// leads a group of its own, and whatever it forks stays in it, even once re-parented.
+pub fn group(pgid: i32) -> Vec<(i32, i32)> {
+    let entries = fs::read_dir("/proc").expect("reading /proc");
+    let mut members: Vec<(i32, i32)> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|candidate| {
+            let fields = stat_fields(candidate)?;
+            let ppid: i32 = fields.get(1)?.parse().ok()?;
+            let group: i32 = fields.get(2)?.parse().ok()?;
+            (group == pgid).then_some((candidate, ppid))
+        })
+        .collect();
+    members.sort_unstable();
+    members
+}
+
 /// How many children of `pid` are zombies: exited, but not yet reaped with `wait`.
 pub fn zombies(pid: i32) -> usize {
     children(pid)

@@ -2,8 +2,10 @@
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,10 +54,22 @@ impl Server {
     /// `exec`s the next program, the server keeps the wrapper's pid and process group.
     #[track_caller]
     pub fn start_wrapped(wrapper: &[&str], bin: &str, args: &[&str]) -> Server {
+        Server::start_full(wrapper, bin, args, Stderr::Captured)
+    }
+
+    /// Like [`Server::start`], but the server's stderr is a pipe whose reader has already left:
+    /// every log line it writes fails with `EPIPE`, as it would under `server 2>&1 | head -1`.
+    #[track_caller]
+    pub fn start_with_stderr_gone(bin: &str, args: &[&str]) -> Server {
+        Server::start_full(&[], bin, args, Stderr::Gone)
+    }
+
+    #[track_caller]
+    fn start_full(wrapper: &[&str], bin: &str, args: &[&str], stderr: Stderr) -> Server {
         let mut all = wrapper.to_vec();
         all.extend_from_slice(&[bin, "--addr", "127.0.0.1:0"]);
         all.extend_from_slice(args);
-        let (child, stdout, stderr) = spawn(all[0], &all[1..]);
+        let (child, stdout, stderr) = spawn(all[0], &all[1..], stderr);
         let mut server = Server {
             pid: pid_of(&child),
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -111,35 +125,35 @@ impl Server {
     /// binary from a folder of its own in the temporary directory.
     #[track_caller]
     pub fn start_unable_to_spawn(bin: &str, args: &[&str]) -> Server {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        if !nix::unistd::geteuid().is_root() {
-            return Server::start_wrapped(&["prlimit", "--nproc=0"], bin, args);
-        }
-        // A fresh uid per call: this process's pid, then a count, above the ids people use.
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(n < 1000, "start_unable_to_spawn: out of fresh user ids");
-        let uid = 1_000_000_000 + (std::process::id() % 1_000_000) * 1000 + n;
-        let folder = std::env::temp_dir().join(format!("testkit-uid-{uid}"));
-        let copy = folder.join("server");
-        let world_runnable = std::fs::Permissions::from_mode(0o755);
-        std::fs::create_dir_all(&folder)
-            .and_then(|()| std::fs::set_permissions(&folder, world_runnable.clone()))
-            .and_then(|()| std::fs::copy(bin, &copy))
-            .and_then(|_| std::fs::set_permissions(&copy, world_runnable))
-            .unwrap_or_else(|err| panic!("copying {bin} to {}: {err}", copy.display()));
-        let (reuid, regid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
-        let wrapper = [
-            "prlimit",
-            "--nproc=1",
-            "setpriv",
-            &reuid,
-            &regid,
-            "--clear-groups",
-        ];
-        let server = Server::start_wrapped(&wrapper, &copy.to_string_lossy(), args);
-        // The running program keeps its file alive; the name can go.
-        let _ = std::fs::remove_dir_all(&folder);
-        server
+        let unable = Unspawnable::new(bin);
+        let wrapper: Vec<&str> = unable.wrapper.iter().map(String::as_str).collect();
+        Server::start_wrapped(&wrapper, &unable.program, args)
+    }
+
+    /// Opens a connection with a tiny receive window and small segments (`SO_RCVBUF` 4 KiB,
+    /// `TCP_MAXSEG` 536, set before connecting). On loopback the server's send buffer then
+    /// stays small too, so that a client reading a few bytes at a time lets each of the
+    /// server's blocked writes make a little progress: the way to test a write deadline.
+    #[track_caller]
+    pub fn connect_small_window(&self) -> Client {
+        use nix::sys::socket::{
+            AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+        };
+        let SocketAddr::V4(addr) = self.addr else {
+            panic!("connect_small_window: {} is not IPv4", self.addr)
+        };
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket()");
+        setsockopt(&fd, sockopt::RcvBuf, &4096).expect("setsockopt(SO_RCVBUF)");
+        setsockopt(&fd, sockopt::TcpMaxSeg, &536).expect("setsockopt(TCP_MAXSEG)");
+        connect(fd.as_raw_fd(), &SockaddrIn::from(addr))
+            .unwrap_or_else(|err| panic!("connecting to {}: {err}", self.addr));
+        Client::new(TcpStream::from(fd))
     }
 
     /// The first line the server printed on stdout.
@@ -201,6 +215,76 @@ impl Drop for Server {
     }
 }
 
+/// How to run a program where it can create no process and no thread: under an `RLIMIT_NPROC`
+/// that its own single task already fills, so every `fork` and every thread spawn fails with
+/// `EAGAIN`. The limit counts the tasks of the real user id, and root (uid 0) is exempt, so as
+/// root the program runs under a user id of its own (`setpriv`), one that no other process
+/// has: a process of another test, or of a person, under the same id would count against the
+/// limit too. Both tools come with util-linux. That user may not be allowed into the build
+/// folder (a checkout under `/root`, say), so it runs a copy of the binary from a folder of its
+/// own in the temporary directory, removed on drop (a running program keeps its file alive).
+struct Unspawnable {
+    wrapper: Vec<String>,
+    program: String,
+    folder: Option<PathBuf>,
+}
+
+impl Unspawnable {
+    fn new(bin: &str) -> Unspawnable {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        if !nix::unistd::geteuid().is_root() {
+            return Unspawnable {
+                wrapper: vec!["prlimit".into(), "--nproc=0".into()],
+                program: bin.into(),
+                folder: None,
+            };
+        }
+        // A fresh uid per call: this process's pid, then a count, above the ids people use.
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 1000, "unable to spawn: out of fresh user ids");
+        let uid = 1_000_000_000 + (std::process::id() % 1_000_000) * 1000 + n;
+        let folder = std::env::temp_dir().join(format!("testkit-uid-{uid}"));
+        let copy = folder.join("server");
+        let world_runnable = std::fs::Permissions::from_mode(0o755);
+        std::fs::create_dir_all(&folder)
+            .and_then(|()| std::fs::set_permissions(&folder, world_runnable.clone()))
+            .and_then(|()| std::fs::copy(bin, &copy))
+            .and_then(|_| std::fs::set_permissions(&copy, world_runnable))
+            .unwrap_or_else(|err| panic!("copying {bin} to {}: {err}", copy.display()));
+        let wrapper = [
+            "prlimit",
+            "--nproc=1",
+            "setpriv",
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+        ];
+        Unspawnable {
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+            program: copy.to_string_lossy().into_owned(),
+            folder: Some(folder),
+        }
+    }
+}
+
+impl Drop for Unspawnable {
+    fn drop(&mut self) {
+        if let Some(folder) = &self.folder {
+            let _ = std::fs::remove_dir_all(folder);
+        }
+    }
+}
+
+/// Runs `bin ARGS...` to the end (at most `within`) where it can create no process and no
+/// thread, as [`Server::start_unable_to_spawn`] does: for servers that must then refuse to start.
+pub fn run_unable_to_spawn(bin: &str, args: &[&str], within: Duration) -> Finished {
+    let unable = Unspawnable::new(bin);
+    let mut all: Vec<&str> = unable.wrapper.iter().map(String::as_str).collect();
+    all.push(&unable.program);
+    all.extend_from_slice(args);
+    run(all[0], &all[1..], within)
+}
+
 /// What a finished command did: its exit status and everything it printed.
 pub struct Finished {
     /// How the process ended.
@@ -214,7 +298,7 @@ pub struct Finished {
 /// Runs `bin ARGS...` to the end, at most `within`; panics (after killing it) if it takes longer.
 /// Meant for commands that exit by themselves, such as `--help`.
 pub fn run(bin: &str, args: &[&str], within: Duration) -> Finished {
-    let (mut child, stdout, stderr) = spawn(bin, args);
+    let (mut child, stdout, stderr) = spawn(bin, args, Stderr::Captured);
     let pid = pid_of(&child);
     let exited = wait_until(within, || !running(pid));
     // Whatever is left of its process group goes too; then the pipes reach end-of-file.
@@ -242,8 +326,16 @@ fn running(pid: i32) -> bool {
     matches!(status.expect("waitid on our child"), WaitStatus::StillAlive)
 }
 
-/// Starts `bin` in a process group of its own, with stdin empty and both outputs captured.
-fn spawn(bin: &str, args: &[&str]) -> (Child, Captured, Captured) {
+/// What becomes of a started program's stderr.
+enum Stderr {
+    /// Read by a background thread, kept for [`Server::stderr`].
+    Captured,
+    /// A pipe whose reading end is closed at once: every write to it fails with `EPIPE`.
+    Gone,
+}
+
+/// Starts `bin` in a process group of its own, with stdin empty and its outputs in pipes.
+fn spawn(bin: &str, args: &[&str], stderr: Stderr) -> (Child, Captured, Captured) {
     let mut child = Command::new(bin)
         .args(args)
         .process_group(0)
@@ -253,7 +345,11 @@ fn spawn(bin: &str, args: &[&str]) -> (Child, Captured, Captured) {
         .spawn()
         .unwrap_or_else(|err| panic!("cannot start {bin}: {err}"));
     let stdout = Captured::drain(child.stdout.take().expect("stdout is piped"));
-    let stderr = Captured::drain(child.stderr.take().expect("stderr is piped"));
+    let pipe = child.stderr.take().expect("stderr is piped");
+    let stderr = match stderr {
+        Stderr::Captured => Captured::drain(pipe),
+        Stderr::Gone => Captured::default(), // dropping `pipe` closes our reading end
+    };
     (child, stdout, stderr)
 }
 

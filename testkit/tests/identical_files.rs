@@ -1,0 +1,79 @@
+//! `http.rs` is the same file in every step: the lesson of a step is how it schedules the work,
+//! never the work itself, and the parser's property tests (`http_properties.rs`) test step 1's
+//! copy on behalf of all of them. This test keeps the copies from drifting apart. It finds the
+//! steps by listing the workspace, so that a new step is covered the day it is added.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The workspace's root folder, where the steps are.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The names of the folders `stepNN-name` at the top of the workspace, in order: step 1 first.
+fn steps() -> Vec<String> {
+    let root = root();
+    let mut steps: Vec<String> = fs::read_dir(&root)
+        .unwrap_or_else(|err| panic!("listing {}: {err}", root.display()))
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|path| path.is_dir())
+        .filter_map(|path| Some(path.file_name()?.to_string_lossy().into_owned()))
+        .filter(|name| is_step(name))
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// `step` followed by two digits and a dash, like `step01-iterative`.
+fn is_step(name: &str) -> bool {
+    let name = name.as_bytes();
+    name.len() > 7
+        && name.starts_with(b"step")
+        && name[4..6].iter().all(u8::is_ascii_digit)
+        && name[6] == b'-'
+}
+
+#[test]
+fn every_step_has_the_same_http_rs() {
+    let names = steps();
+    assert!(
+        names.len() >= 4,
+        "expected at least 4 step folders in the workspace, found {names:?}"
+    );
+    let original = format!("{}/src/http.rs", names[0]);
+    assert!(
+        original.starts_with("step01-"),
+        "no step01 folder among {names:?}"
+    );
+    let root = root();
+    let read = |path: &str| {
+        fs::read(root.join(path)).unwrap_or_else(|err| panic!("reading {path}: {err}"))
+    };
+    let want = read(&original);
+    let differ: Vec<String> = names[1..]
+        .iter()
+        .map(|name| format!("{name}/src/http.rs"))
+        .filter(|copy| read(copy) != want)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "http.rs must be byte-identical in every step, and {differ:?} differ from {original}. \
+         Make the change in {original}, then copy it over, from the workspace root:\n{}\n\
+         (if a copy above holds the change you want, copy it to {original} first)",
+        differ
+            .iter()
+            .map(|copy| format!("    cp {original} {copy}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn step_folders_are_recognised() {
+    assert!(is_step("step01-iterative"));
+    assert!(is_step("step10-io-uring"));
+    assert!(!is_step("testkit"));
+    assert!(!is_step("step1-short"));
+    assert!(!is_step("step01"));
+}
