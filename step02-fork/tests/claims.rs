@@ -408,7 +408,7 @@ fn leak_runs_out_of_fds_without_spinning() {
         assert_eq!(server.get("/").status, 503);
     }
     // And the parent does not spin: it waits in accept with its spare descriptor closed.
-    testkit::shared::assert_refusing_without_spinning(&server);
+    testkit::shared::assert_refusing_without_spinning(&server, Duration::ZERO);
     assert!(
         server.has_logged("out of file descriptors"),
         "the refusals were not logged"

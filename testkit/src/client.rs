@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{setsockopt, sockopt};
@@ -163,6 +164,46 @@ impl Client {
     /// [`Client::read_response`] starts with them.
     pub fn keep(&mut self, bytes: &[u8]) {
         self.pending.extend_from_slice(bytes);
+    }
+
+    /// Reads `chunk` bytes every 100 ms for `during` (or as fast as it can, if `chunk` is 1 MiB or
+    /// more) and keeps them for a later [`Client::read_response`]. Returns how many bytes came, and
+    /// how the connection ended if it did: `Some(error)` for end-of-file or a reset.
+    pub fn read_paced(&mut self, chunk: usize, during: Duration) -> (usize, Option<String>) {
+        let started = Instant::now();
+        let pause = if chunk >= 1 << 20 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        let mut got = 0;
+        let mut buffer = vec![0; chunk];
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("set_read_timeout");
+        while started.elapsed() < during {
+            match self.stream.read(&mut buffer) {
+                Ok(0) => return (got, Some("end-of-file".into())),
+                Ok(k) => {
+                    got += k;
+                    self.keep(&buffer[..k]);
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if pause.is_zero() {
+                        return (got, Some("nothing for 5 s".into()));
+                    }
+                }
+                Err(err) => return (got, Some(err.to_string())),
+            }
+            thread::sleep(pause);
+        }
+        (got, None)
     }
 
     /// Reads until the server ends the connection, within `within`: `Ok` for a polite end

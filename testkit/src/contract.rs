@@ -13,7 +13,8 @@ use crate::client::{Client, RESPONSE_WITHIN, Response, preview};
 use crate::procfs::{fd_limits, lowest_free_fd, set_fd_limit, wait_until};
 use crate::server::{Server, run};
 use crate::shared::{
-    assert_refusing_without_spinning, assert_served_again, refused_for_want_of_fds, try_get,
+    assert_refusing_without_spinning, assert_served_again, cpu_in_a_second,
+    refused_for_want_of_fds, try_get,
 };
 
 /// Expands to one `#[test] fn` per behaviour of the contract, each calling the function of the
@@ -573,6 +574,7 @@ pub fn client_resets_are_harmless(bin: &str, args: &[&str]) {
 /// a close, it burns almost no CPU while idle, and it serves again once descriptors are back.
 pub fn fd_exhaustion_no_spin_and_recovery(bin: &str, args: &[&str]) {
     let server = Server::start(bin, args);
+    let idle = cpu_in_a_second(&server);
     let (original, _) = fd_limits(server.pid);
     // A limit equal to the lowest free descriptor number leaves no room for a new one (those
     // already open above it, say inherited ones, stay open). This is done while the server is
@@ -588,7 +590,7 @@ pub fn fd_exhaustion_no_spin_and_recovery(bin: &str, args: &[&str]) {
         matches!(first, Ok(200)) || refused_for_want_of_fds(&first),
         "the first client after lowering the limit: {first:?}"
     );
-    assert_refusing_without_spinning(&server);
+    assert_refusing_without_spinning(&server, idle);
     set_fd_limit(server.pid, original);
     assert_served_again(&server, "raising the limit back");
 }
@@ -677,10 +679,10 @@ pub fn slow_reader_below_min_rate_cut_off(bin: &str, args: &[&str]) {
     let request = format!("GET /bytes/{n} HTTP/1.1\r\nHost: test\r\n\r\n");
     let mut slow = server.connect_small_window();
     slow.send(request.as_bytes());
-    let (got, ended) = read_paced(&mut slow, 1024, Duration::from_secs(8));
+    let (got, ended) = slow.read_paced(1024, Duration::from_secs(8));
     let got = match ended {
         Some(_) => got,
-        None => got + read_paced(&mut slow, 1 << 20, Duration::from_secs(30)).0,
+        None => got + slow.read_paced(1 << 20, Duration::from_secs(30)).0,
     };
     assert!(
         got < n,
@@ -690,7 +692,7 @@ pub fn slow_reader_below_min_rate_cut_off(bin: &str, args: &[&str]) {
     );
     let mut steady = server.connect();
     steady.send(request.as_bytes());
-    let (early, ended) = read_paced(&mut steady, 256 << 10, Duration::from_secs(6));
+    let (early, ended) = steady.read_paced(256 << 10, Duration::from_secs(6));
     assert!(
         ended.is_none(),
         "a reader taking 2.5 MiB/s was cut off after {early} bytes ({ended:?}): above the \
@@ -703,42 +705,6 @@ pub fn slow_reader_below_min_rate_cut_off(bin: &str, args: &[&str]) {
         n,
         "/bytes/67108864 read at 2.5 MiB/s for 6 s, then fast",
     );
-}
-
-/// Reads `chunk` bytes every 100 ms for `during` (or as fast as it can, if `chunk` is 1 MiB or
-/// more) and keeps them for a later [`Client::read_response`]. Returns how many bytes came, and
-/// how the connection ended if it did: `Some(error)` for end-of-file or a reset.
-fn read_paced(client: &mut Client, chunk: usize, during: Duration) -> (usize, Option<String>) {
-    let started = Instant::now();
-    let pause = if chunk >= 1 << 20 {
-        Duration::ZERO
-    } else {
-        Duration::from_millis(100)
-    };
-    let mut got = 0;
-    let mut buffer = vec![0; chunk];
-    client
-        .stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set_read_timeout");
-    while started.elapsed() < during {
-        match client.stream.read(&mut buffer) {
-            Ok(0) => return (got, Some("end-of-file".into())),
-            Ok(k) => {
-                got += k;
-                client.keep(&buffer[..k]);
-            }
-            Err(err) if err.kind() == ErrorKind::Interrupted => {}
-            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if pause.is_zero() {
-                    return (got, Some("nothing for 5 s".into()));
-                }
-            }
-            Err(err) => return (got, Some(err.to_string())),
-        }
-        thread::sleep(pause);
-    }
-    (got, None)
 }
 
 /// Logging is never fatal: with its stderr a pipe whose reader has left (`server 2>&1 | head

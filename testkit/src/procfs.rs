@@ -207,6 +207,15 @@ pub fn set_fd_limit(pid: i32, soft: u64) {
     );
 }
 
+/// Raises this (test) process's soft limit on open descriptors to its hard limit, so that it can
+/// hold thousands of client connections; returns the new limit.
+pub fn raise_own_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit(RLIMIT_NOFILE)");
+    hard
+}
+
 /// Checks `done` every 20 ms until it returns `true` (then returns `true`) or `within` has
 /// passed (then returns `false`, after one last check). Every wait in a test should be bounded.
 pub fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {

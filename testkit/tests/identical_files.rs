@@ -1,4 +1,4 @@
-//! `http.rs` is the same file in every step: the lesson of a step is how it schedules the work,
+//! `http.rs` is the same file in every step, and `conn.rs` in every event-loop step: the lesson of a step is how it schedules the work,
 //! never the work itself, and the parser's property tests (`http_properties.rs`) test step 1's
 //! copy on behalf of all of them. This test keeps the copies from drifting apart. It finds the
 //! steps by listing the workspace, so that a new step is covered the day it is added.
@@ -41,24 +41,48 @@ fn every_step_has_the_same_http_rs() {
         names.len() >= 4,
         "expected at least 4 step folders in the workspace, found {names:?}"
     );
-    let original = format!("{}/src/http.rs", names[0]);
     assert!(
-        original.starts_with("step01-"),
+        names[0].starts_with("step01-"),
         "no step01 folder among {names:?}"
     );
+    assert_same_file("src/http.rs", &names);
+}
+
+/// The connection state machine, `conn.rs`, first written for step 5, is the same file in every
+/// event-loop step that has one: from step 5 on, the diff between steps is how the loop waits.
+#[test]
+fn every_event_loop_step_has_the_same_conn_rs() {
+    let names: Vec<String> = steps()
+        .into_iter()
+        .filter(|name| root().join(name).join("src/conn.rs").is_file())
+        .collect();
+    assert!(
+        names
+            .first()
+            .is_some_and(|name| name.starts_with("step05-"))
+            && names.len() >= 2,
+        "conn.rs should be in step 5 and the steps after it, found in {names:?}"
+    );
+    assert_same_file("src/conn.rs", &names);
+}
+
+/// `file` is byte-identical in every step of `names`, whose first is the original.
+#[track_caller]
+fn assert_same_file(file: &str, names: &[String]) {
     let root = root();
     let read = |path: &str| {
         fs::read(root.join(path)).unwrap_or_else(|err| panic!("reading {path}: {err}"))
     };
+    let original = format!("{}/{file}", names[0]);
     let want = read(&original);
     let differ: Vec<String> = names[1..]
         .iter()
-        .map(|name| format!("{name}/src/http.rs"))
+        .map(|name| format!("{name}/{file}"))
         .filter(|copy| read(copy) != want)
         .collect();
     assert!(
         differ.is_empty(),
-        "http.rs must be byte-identical in every step, and {differ:?} differ from {original}. \
+        "{file} must be byte-identical in these steps, and {differ:?} differ from {original}. \
          Make the change in {original}, then copy it over, from the workspace root:\n{}\n\
          (if a copy above holds the change you want, copy it to {original} first)",
         differ
