@@ -91,6 +91,14 @@ pub fn rss_kib(pid: i32) -> u64 {
     kib.parse().expect("VmRSS: is a number of kB")
 }
 
+/// The pid of the process tracing `pid` (a debugger, `strace`), or 0: `TracerPid:` in
+/// `/proc/PID/status`.
+pub fn tracer(pid: i32) -> i32 {
+    status_field(pid, "TracerPid:")
+        .parse()
+        .expect("TracerPid: is a number")
+}
+
 /// The value after `name` in `/proc/PID/status`, trimmed.
 fn status_field(pid: i32, name: &str) -> String {
     let path = format!("/proc/{pid}/status");
