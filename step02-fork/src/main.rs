@@ -24,6 +24,7 @@ use std::io::{self, Read, Write};
 use std::mem;
 use std::net::TcpListener;
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -234,49 +235,58 @@ fn send(stream: &mut TcpStream, response: &Response, timeout: Duration) -> io::R
 // ANCHOR_END: send
 
 // ANCHOR: pace
-/// The slowest a client may take a response: at least this many bytes a second, counted over
-/// each window of `--timeout-secs`.
+/// The slowest a client may take a response, on average: this many bytes a second.
 const MIN_RATE: u64 = 16 * 1024;
 
 /// The write deadline of one response. A write blocks while the client's receive window is
 /// full, and a timeout per `write` call would not bound that: a client that takes a few bytes
-/// just before each timeout would hold us forever. So the deadline is a rate: in each window
-/// of `--timeout-secs`, the client must take `MIN_RATE` bytes a second or lose the response.
+/// just before each timeout would hold us forever. So the deadline is a rate: at the end of
+/// each window of `--timeout-secs`, the client must have taken `MIN_RATE` bytes a second since
+/// the answer began, one window of grace aside, or it loses the response.
+///
+/// "Taken" is what the client's kernel has acknowledged, not what we have written: our own send
+/// buffer holds megabytes, and would make a client that reads nothing look busy. And it is an
+/// average, not a count per window: the client's buffers hold megabytes too, so even a steady
+/// reader's progress reaches us in lumps, many seconds apart.
 struct Pace {
+    started: Instant,
     window: Duration,
-    window_end: Instant,
-    /// Bytes still owed in this window.
-    owed: u64,
+    /// When the rate is next judged.
+    check: Instant,
+    /// Bytes of this response written so far.
+    written: u64,
 }
 
 impl Pace {
     fn new(window: Duration) -> Pace {
+        let started = Instant::now();
         Pace {
+            started,
             window,
-            window_end: Instant::now() + window,
-            owed: MIN_RATE * window.as_secs(),
+            check: started + window,
+            written: 0,
         }
     }
 
-    /// `write_all`, but each `write` may block only until the current window ends.
+    /// `write_all`, but each `write` may block only until the rate is next judged.
     fn write_all(&mut self, stream: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             let now = Instant::now();
-            if now >= self.window_end {
-                if self.owed > 0 {
+            if now >= self.check {
+                let owed = MIN_RATE * (now - self.started).saturating_sub(self.window).as_secs();
+                if self.written.saturating_sub(unacknowledged(stream)?) < owed {
                     let why = format!("client reads slower than {MIN_RATE} bytes/s; abandoned");
                     return Err(io::Error::new(io::ErrorKind::TimedOut, why));
                 }
-                *self = Pace::new(self.window);
-                continue;
+                self.check = now + self.window;
             }
-            stream.set_write_timeout(Some(self.window_end - now))?;
+            stream.set_write_timeout(Some(self.check - now))?;
             match stream.write(bytes) {
                 // A blocking write returns early only if the timeout (or a signal) cut it
                 // short: it then reports how much went out, or EAGAIN if nothing did.
                 Ok(n) => {
                     bytes = &bytes[n..];
-                    self.owed = self.owed.saturating_sub(n as u64);
+                    self.written += n as u64;
                 }
                 Err(err)
                     if matches!(
@@ -290,6 +300,20 @@ impl Pace {
         }
         Ok(())
     }
+}
+
+/// How many of the bytes written to `stream` still wait in our send buffer, unacknowledged by
+/// the client's kernel: `SIOCOUTQ` (Linux gives it the number of `TIOCOUTQ`, the name the libc
+/// crate has), which std and nix do not offer.
+fn unacknowledged(stream: &TcpStream) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ on a socket writes one c_int through the pointer, to `queued`, which
+    // lives until the call returns.
+    let done = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if done < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
 }
 // ANCHOR_END: pace
 

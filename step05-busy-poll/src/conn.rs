@@ -12,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::http::{self, Parse, Response, Route};
@@ -23,8 +24,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// the loop turn to other connections: a client that pipelines a thousand requests, or reads
 /// as fast as we write, must not keep the loop to itself.
 const TURNS: u32 = 16;
-/// The slowest a client may take its answer: at least this many bytes a second, counted over
-/// each window of `--timeout-secs`.
+/// The slowest a client may take its answer, on average: this many bytes a second.
 const MIN_RATE: u64 = 16 * 1024;
 /// How long a lingering close waits for the client to stop sending, and how much it reads.
 const LINGER_TIME: Duration = Duration::from_secs(1);
@@ -71,10 +71,12 @@ pub struct Connection {
     /// The rest of a `/bytes/N` body, produced a 64 KiB chunk at a time once `output` is out.
     body_left: u64,
     after: After,
-    /// When this phase runs out: the head deadline, the end of the write window, or the end
-    /// of lingering.
+    /// When this phase runs out: the head deadline, the next judging of the write rate, or
+    /// the end of lingering.
     deadline: Instant,
-    /// Writing: bytes the client still owes us this window. Lingering: bytes thrown away.
+    /// Writing: when the answer began.
+    started: Instant,
+    /// Writing: bytes of the answer written so far. Lingering: bytes thrown away.
     count: u64,
     timeout: Duration,
 }
@@ -122,6 +124,7 @@ impl Connection {
             body_left: 0,
             after: After::KeepAlive,
             deadline: now + timeout,
+            started: now,
             count: 0,
             timeout,
         }
@@ -204,22 +207,28 @@ impl Connection {
     // ANCHOR_END: read_request
 
     // ANCHOR: start_answer
-    /// Queues an answer and turns to writing it, with a fresh write window.
+    /// Queues an answer and turns to writing it; its write rate is first judged one window of
+    /// `--timeout-secs` from now.
     fn start_answer(&mut self, response: Response, after: After, now: Instant) -> Step {
         self.output = response.bytes;
         self.written = 0;
         self.body_left = response.more;
         self.after = after;
         self.phase = Phase::Writing;
-        self.new_window(now);
+        self.started = now;
+        self.deadline = now + self.timeout;
+        self.count = 0;
         Step::Again
     }
 
-    /// The write deadline is a rate, not a timeout per `write`: in each window of
-    /// `--timeout-secs` the client must take `MIN_RATE` bytes a second, or lose its answer.
-    fn new_window(&mut self, now: Instant) {
-        self.deadline = now + self.timeout;
-        self.count = MIN_RATE * self.timeout.as_secs();
+    /// The write deadline is a rate, not a timeout per `write`: each time it is judged, the
+    /// client must have taken `MIN_RATE` bytes a second since the answer began, one window of
+    /// grace aside. "Taken" is what its kernel acknowledged, not what we wrote (our send buffer
+    /// holds megabytes); and an average, because the client's buffers hold megabytes too, so
+    /// that even a steady reader's progress reaches us in lumps, seconds apart.
+    fn too_slow(&self, now: Instant) -> io::Result<bool> {
+        let owed = MIN_RATE * (now - self.started).saturating_sub(self.timeout).as_secs();
+        Ok(self.count.saturating_sub(unacknowledged(&self.stream)?) < owed)
     }
     // ANCHOR_END: start_answer
 
@@ -241,14 +250,15 @@ impl Connection {
             return self.answered(now);
         }
         if now >= self.deadline {
-            if self.count > 0 {
-                let why = format!("client reads slower than {MIN_RATE} bytes/s; abandoned");
-                return Step::Stop(Progress::Closed(Some(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    why,
-                ))));
+            match self.too_slow(now) {
+                Ok(false) => self.deadline = now + self.timeout,
+                Ok(true) => {
+                    let why = format!("client reads slower than {MIN_RATE} bytes/s; abandoned");
+                    let err = io::Error::new(io::ErrorKind::TimedOut, why);
+                    return Step::Stop(Progress::Closed(Some(err)));
+                }
+                Err(err) => return Step::Stop(Progress::Closed(Some(err))),
             }
-            self.new_window(now);
         }
         if seen.full {
             return Step::Stop(Progress::Blocked);
@@ -259,7 +269,7 @@ impl Connection {
             Ok(n) => {
                 seen.full = n < pending.len();
                 self.written += n;
-                self.count = self.count.saturating_sub(n as u64);
+                self.count += n as u64;
                 Step::Again
             }
             Err(err) => Self::failed(err),
@@ -324,3 +334,19 @@ impl Connection {
     }
     // ANCHOR_END: failed
 }
+
+// ANCHOR: unacknowledged
+/// How many of the bytes written to `stream` still wait in our send buffer, unacknowledged by
+/// the client's kernel: `SIOCOUTQ` (Linux gives it the number of `TIOCOUTQ`, the name the libc
+/// crate has), which std and nix do not offer.
+fn unacknowledged(stream: &TcpStream) -> io::Result<u64> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ on a socket writes one c_int through the pointer, to `queued`, which
+    // lives until the call returns.
+    let done = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if done < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::try_from(queued).unwrap_or(0))
+}
+// ANCHOR_END: unacknowledged

@@ -15,7 +15,7 @@
 //! ```text
 //! cargo run -p step06-select
 //! top -p PID                                     # 0% CPU while idle: it sleeps in select
-//! strace -T -e trace=select -p PID               # one select per wake-up, and its cost
+//! strace -T -e trace=pselect6 -p PID             # one select per wake-up (glibc calls pselect6)
 //! wrk -c 100 -d 5s http://127.0.0.1:8080/
 //! ```
 
@@ -292,6 +292,6 @@ fn announce(listener: &TcpListener) -> anyhow::Result<()> {
         addr.ip(),
         addr.port()
     );
-    log!("watch: strace -T -e trace=select -p {pid}   top -p {pid}   lsof -p {pid}");
+    log!("watch: strace -T -e trace=pselect6 -p {pid}   top -p {pid}   lsof -p {pid}");
     Ok(())
 }

@@ -238,6 +238,8 @@ struct Slot {
 #[derive(Default)]
 struct Table {
     slots: Vec<Option<Slot>>,
+    /// How many slots hold a connection: counted, never found by a scan.
+    live: usize,
     generations: u64,
 }
 
@@ -248,6 +250,7 @@ impl Table {
             self.slots.resize_with(at + 1, || None);
         }
         self.generations += 1;
+        self.live += 1;
         self.slots[at] = Some(Slot {
             conn,
             generation: self.generations,
@@ -262,16 +265,12 @@ impl Table {
 
     /// Drops the connection, which closes its socket.
     fn remove(&mut self, fd: RawFd) {
-        if let Some(slot) = usize::try_from(fd)
+        let slot = usize::try_from(fd)
             .ok()
-            .and_then(|at| self.slots.get_mut(at))
-        {
-            *slot = None;
+            .and_then(|at| self.slots.get_mut(at));
+        if slot.and_then(Option::take).is_some() {
+            self.live -= 1;
         }
-    }
-
-    fn len(&self) -> usize {
-        self.slots.iter().filter(|slot| slot.is_some()).count()
     }
 }
 // ANCHOR_END: table
@@ -330,7 +329,7 @@ impl Timers {
                 self.follow(fd, slot);
             }
         }
-        if self.heap.len() > 2 * table.len() + 1024 {
+        if self.heap.len() > 2 * table.live + 1024 {
             self.rebuild(table);
         }
     }

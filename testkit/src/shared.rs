@@ -58,6 +58,13 @@ pub fn assert_refusing_without_spinning(server: &Server, idle: Duration) {
             server.stderr_tail(30)
         );
     }
+    assert_not_spinning(server, idle);
+}
+
+/// Out of descriptors, over the next second the server burns no more CPU than it did idle with
+/// descriptors to spare (`idle`), logs no more than a few lines, and lives.
+#[track_caller]
+pub fn assert_not_spinning(server: &Server, idle: Duration) {
     let logged = server.stderr().len();
     let burnt = cpu_in_a_second(server);
     assert!(
