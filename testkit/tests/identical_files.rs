@@ -101,3 +101,40 @@ fn step_folders_are_recognised() {
     assert!(!is_step("step1-short"));
     assert!(!is_step("step01"));
 }
+
+/// The exercises are copies of steps: their `http.rs` and `conn.rs` must stay the steps' own,
+/// or an exercise would teach against code the book no longer shows.
+#[test]
+fn every_exercise_has_the_steps_shared_files() {
+    let root = root();
+    let exercises = root.join("exercises");
+    let mut names: Vec<String> = fs::read_dir(&exercises)
+        .unwrap_or_else(|err| panic!("listing {}: {err}", exercises.display()))
+        .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with("ex") && exercises.join(name).join("src").is_dir())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 7, "expected the exercises, found {names:?}");
+    let read =
+        |path: &Path| fs::read(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let mut differ = Vec::new();
+    for (file, original) in [
+        ("http.rs", "step01-iterative/src/http.rs"),
+        ("conn.rs", "step05-busy-poll/src/conn.rs"),
+    ] {
+        let want = read(&root.join(original));
+        for name in &names {
+            let copy = exercises.join(name).join("src").join(file);
+            if copy.is_file() && read(&copy) != want {
+                differ.push(format!("cp {original} exercises/{name}/src/{file}"));
+            }
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "exercises whose shared files drifted from the steps'; from the workspace root:\n    {}\n\
+         (then regenerate their .start.sha256 and check that solution.patch still applies: \
+         exercises/prove)",
+        differ.join("\n    ")
+    );
+}
