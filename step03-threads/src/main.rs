@@ -285,7 +285,7 @@ fn unacknowledged(stream: &TcpStream) -> io::Result<u64> {
 // ANCHOR: linger
 /// How long a lingering close waits for the client to stop sending, and how much it reads.
 const LINGER_TIME: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 1 << 20;
+const LINGER_BYTES: usize = 4 << 20;
 
 /// Closes a connection whose client may still be sending (RFC 9112 §9.6, nginx's
 /// `lingering_close`). Closing a socket that has unread bytes in it makes the kernel send a

@@ -28,7 +28,7 @@ const TURNS: u32 = 16;
 const MIN_RATE: u64 = 16 * 1024;
 /// How long a lingering close waits for the client to stop sending, and how much it reads.
 const LINGER_TIME: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 1 << 20;
+const LINGER_BYTES: usize = 4 << 20;
 // ANCHOR_END: limits
 
 // ANCHOR: connection
