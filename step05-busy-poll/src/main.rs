@@ -142,19 +142,23 @@ impl Reserve {
         None
     }
 
+    /// Takes the clients queued while we are out of descriptors, one at a time with the spare's
+    /// slot: the first for whom the spare can be taken back is served; the others are refused,
+    /// until the queue is empty (an edge-triggered loop hears of the queue only once).
     fn accept_with_spare(&mut self, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
-        self.0 = None; // closes the spare: one descriptor is free now
-        let accepted = listener.accept();
-        self.0 = File::open("/dev/null").ok(); // the spare first: is there room again?
-        match accepted {
-            Ok(accepted) if self.0.is_some() => Some(accepted),
-            Ok((stream, _)) => {
-                log!("accept: out of file descriptors; answering 503");
-                refuse(stream, "out of file descriptors");
-                self.0 = File::open("/dev/null").ok(); // the refused client's slot
-                None
+        loop {
+            self.0 = None; // closes the spare: one descriptor is free now
+            let accepted = listener.accept();
+            self.0 = File::open("/dev/null").ok(); // the spare first: is there room again?
+            match accepted {
+                Ok(accepted) if self.0.is_some() => return Some(accepted),
+                Ok((stream, _)) => {
+                    log!("accept: out of file descriptors; answering 503");
+                    refuse(stream, "out of file descriptors");
+                    self.0 = File::open("/dev/null").ok(); // the refused client's slot
+                }
+                Err(_) => return None, // the queue is empty (WouldBlock), or the client gone
             }
-            Err(_) => None, // nobody was waiting after all (WouldBlock), or gone meanwhile
         }
     }
 }

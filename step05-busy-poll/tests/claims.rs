@@ -65,3 +65,9 @@ fn out_of_fds_until_clients_leave() {
     let _turn = one_at_a_time();
     testkit::shared::out_of_fds_until_clients_leave(BIN, &[]);
 }
+
+#[test]
+fn queued_clients_refused_when_out_of_fds() {
+    let _turn = one_at_a_time();
+    testkit::shared::queued_clients_refused_when_out_of_fds(BIN, &[]);
+}

@@ -81,3 +81,8 @@ fn slow_reader_gets_everything_while_others_are_served() {
 fn out_of_fds_until_clients_leave() {
     testkit::shared::out_of_fds_until_clients_leave(BIN, &[]);
 }
+
+#[test]
+fn queued_clients_refused_when_out_of_fds() {
+    testkit::shared::queued_clients_refused_when_out_of_fds(BIN, &[]);
+}

@@ -24,7 +24,7 @@
 //! cargo run -p step07-epoll                      # add -- --edge for edge-triggered
 //! wrk -c 1000 -d 5s http://127.0.0.1:8080/       # a thousand clients, one thread
 //! strace -c -p PID                               # per request: one read, one write
-//! ls /proc/PID/fdinfo; cat /proc/PID/fdinfo/4    # the epoll instance and its interest list
+//! ls -l /proc/PID/fd; cat /proc/PID/fdinfo/5    # fd 5, anon_inode:[eventpoll]: the interest list
 //! ```
 
 mod conn;
@@ -121,6 +121,9 @@ fn main() -> anyhow::Result<()> {
         }
         let now = Instant::now();
         timers.expire(now, &mut table, &mut due);
+        // A connection may be due twice (an event, a timer, a turn left over): once is enough.
+        due.sort_unstable();
+        due.dedup();
         for fd in due {
             serve(fd, now, &epoll, mode, &mut table, &mut timers, &mut again);
         }
@@ -143,9 +146,12 @@ fn serve(
     let Some(slot) = table.get_mut(fd) else {
         return; // closed earlier in this same turn
     };
-    match slot.conn.drive(now) {
-        Progress::Blocked => {}
-        Progress::Yielded => again.push(fd),
+    let blocked = match slot.conn.drive(now) {
+        Progress::Blocked => true,
+        Progress::Yielded => {
+            again.push(fd);
+            false
+        }
         Progress::Closed(why) => {
             if let Some(err) = why {
                 log!("{}: {err}", slot.conn.peer);
@@ -154,8 +160,10 @@ fn serve(
             table.remove(fd);
             return;
         }
-    }
-    if let Mode::Level = mode {
+    };
+    // Level-triggered, the interest follows what the connection waits for, but only once it
+    // does wait: one that merely used up its turns is driven again next round anyway.
+    if matches!(mode, Mode::Level) && blocked {
         // Ask for what the connection waits for now: EPOLLOUT only while an answer is
         // pending. An answer that went out whole in the optimistic write above changed
         // nothing, and costs no epoll_ctl at all.
@@ -428,19 +436,23 @@ impl Reserve {
         None
     }
 
+    /// Takes the clients queued while we are out of descriptors, one at a time with the spare's
+    /// slot: the first for whom the spare can be taken back is served; the others are refused,
+    /// until the queue is empty (an edge-triggered loop hears of the queue only once).
     fn accept_with_spare(&mut self, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
-        self.0 = None; // closes the spare: one descriptor is free now
-        let accepted = listener.accept();
-        self.0 = File::open("/dev/null").ok(); // the spare first: is there room again?
-        match accepted {
-            Ok(accepted) if self.0.is_some() => Some(accepted),
-            Ok((stream, _)) => {
-                log!("accept: out of file descriptors; answering 503");
-                refuse(stream, "out of file descriptors");
-                self.0 = File::open("/dev/null").ok(); // the refused client's slot
-                None
+        loop {
+            self.0 = None; // closes the spare: one descriptor is free now
+            let accepted = listener.accept();
+            self.0 = File::open("/dev/null").ok(); // the spare first: is there room again?
+            match accepted {
+                Ok(accepted) if self.0.is_some() => return Some(accepted),
+                Ok((stream, _)) => {
+                    log!("accept: out of file descriptors; answering 503");
+                    refuse(stream, "out of file descriptors");
+                    self.0 = File::open("/dev/null").ok(); // the refused client's slot
+                }
+                Err(_) => return None, // the queue is empty (WouldBlock), or the client gone
             }
-            Err(_) => None, // nobody was waiting after all (WouldBlock), or gone meanwhile
         }
     }
 }

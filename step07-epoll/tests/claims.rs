@@ -197,3 +197,11 @@ fn out_of_fds_until_clients_leave() {
     }
     testkit::shared::out_of_fds_until_clients_leave(MIO, &[]);
 }
+
+#[test]
+fn queued_clients_refused_when_out_of_fds() {
+    for args in [&[][..], &["--edge"]] {
+        testkit::shared::queued_clients_refused_when_out_of_fds(BIN, args);
+    }
+    testkit::shared::queued_clients_refused_when_out_of_fds(MIO, &[]);
+}

@@ -175,3 +175,40 @@ pub fn slow_reader_gets_everything_while_others_are_served(bin: &str, args: &[&s
         "a byte of the body breaks the pattern"
     );
 }
+
+/// For event loops: out of descriptors with several clients already waiting in the listen
+/// queue, every one of them is answered `503` or closed, none is left hanging. (An
+/// edge-triggered loop hears of the queue once: it must empty it then.) The clients queue up
+/// while the server is stopped (`SIGSTOP`), so that they are all there when it wakes.
+pub fn queued_clients_refused_when_out_of_fds(bin: &str, args: &[&str]) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let server = Server::start_with_fd_room(bin, &[args, &["--timeout-secs", "30"]].concat(), 2);
+    let _held: Vec<Client> = (0..2).map(|_| server.connect()).collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || sockets(server.pid).len() == 3),
+        "the server did not take both idle connections: sockets {:?}",
+        sockets(server.pid)
+    );
+    let pid = Pid::from_raw(server.pid);
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let mut queued: Vec<Client> = (0..3)
+        .map(|_| {
+            let mut client = server.connect();
+            let _ = client.try_send(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+            client
+        })
+        .collect();
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    for (i, client) in queued.iter_mut().enumerate() {
+        let outcome = client
+            .read_response(false, Duration::from_secs(5))
+            .map(|response| response.status);
+        assert!(
+            refused_for_want_of_fds(&outcome),
+            "queued client {} of 3, out of descriptors: {outcome:?} (left waiting?); stderr:\n{}",
+            i + 1,
+            server.stderr_tail(10)
+        );
+    }
+}
