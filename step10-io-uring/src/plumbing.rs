@@ -1,6 +1,6 @@
-//! The plumbing both of this step's binaries share, the epoll one and the mio one: the reserve
-//! descriptor for when the process runs out, the `503` that goes with it, and the limit on
-//! descriptors. The event loops themselves are each binary's own.
+//! The plumbing, step 7's unchanged: the reserve descriptor for when the process runs out, the
+//! `503` that goes with it, and the limit on descriptors. The ring's `accept` fails as a plain
+//! `accept` does, with the same errors, so the reserve meets it the same way.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
