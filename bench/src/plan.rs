@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 /// Every step's binary, with its step number.
-pub const STEPS: [(u8, &str); 8] = [
+pub const STEPS: [(u8, &str); 9] = [
     (1, "step01-iterative"),
     (2, "step02-fork"),
     (3, "step03-threads"),
@@ -15,6 +15,7 @@ pub const STEPS: [(u8, &str); 8] = [
     (6, "step06-select"),
     (7, "step07-epoll"),
     (7, "step07-mio"),
+    (10, "step10-io-uring"),
 ];
 
 /// The most idle connections `step06-select` is given: `select` cannot watch a descriptor
