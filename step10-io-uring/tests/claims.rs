@@ -204,8 +204,8 @@ fn bpf(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 
 #[test]
 fn refused_io_uring_is_one_clear_line_and_a_failure() {
-    // What a container's seccomp profile does (Docker's default has refused io_uring since
-    // 2023): `io_uring_setup` fails with EPERM. The filter is installed in the child between
+    // What a container's seccomp profile does (recent versions of Docker's default one do):
+    // `io_uring_setup` fails with EPERM. The filter is installed in the child between
     // `fork` and `exec`, and only there; the server inherits it.
     // `<linux/bpf_common.h>`: load a 32-bit word at a fixed offset; jump if equal to a
     // constant; return a constant (BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K).
