@@ -349,9 +349,9 @@ impl Ring {
     /// Queues an operation that lends the kernel no memory of ours (accept, poll, cancel,
     /// close, timeout).
     fn push(&mut self, entry: &squeue::Entry) {
-        // SAFETY: these operations carry no pointer into our memory that the kernel keeps
-        // (a timeout's `timespec` is copied when the entry is submitted, and `Timers` keeps
-        // it alive until then).
+        // SAFETY: these operations lend the kernel no memory of ours beyond their submission:
+        // a timeout's `timespec` is read when the entry is submitted, and it lives in
+        // `Timers`, which outlives the loop.
         unsafe { self.push_unchecked(entry) }
     }
 
@@ -606,7 +606,7 @@ struct Args {
     #[arg(long, value_name = "N")]
     max_fds: Option<u64>,
     // ANCHOR: flags
-    /// Room in the submission ring (the completion ring gets twice as much); a power of two
+    /// Room in the submission ring, rounded up to a power of two; the completion ring gets twice
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(2..=4096))]
     entries: u32,
