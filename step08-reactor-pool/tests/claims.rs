@@ -131,7 +131,7 @@ fn a_reused_descriptor_never_gets_a_stale_answer() {
         // The client that leaves asks to close after its answer: if that answer ever reached
         // the next client, it would say `Connection: close` and come too early.
         let mut leaving = server.connect();
-        leaving.send(b"GET /sleep/600 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        leaving.send(b"GET /sleep/1500 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
         let mut fd = -1;
         assert!(
             wait_until(Duration::from_secs(5), || {
@@ -145,8 +145,9 @@ fn a_reused_descriptor_never_gets_a_stale_answer() {
         );
         thread::sleep(Duration::from_millis(100)); // its job is with a worker
         leaving.reset();
+        // Well before the job ends: the server closes the connection while the job runs.
         assert!(
-            wait_until(Duration::from_secs(2), || !socket_fds(server.pid)
+            wait_until(Duration::from_millis(700), || !socket_fds(server.pid)
                 .contains(&fd)),
             "{args:?}: the server kept descriptor {fd} of a client that reset its connection \
              while its job ran; stderr:\n{}",
@@ -154,7 +155,7 @@ fn a_reused_descriptor_never_gets_a_stale_answer() {
         );
         let asked = Instant::now();
         let mut next = server.connect();
-        next.send(b"HEAD /sleep/1200 HTTP/1.1\r\nHost: test\r\n\r\n");
+        next.send(b"HEAD /sleep/2000 HTTP/1.1\r\nHost: test\r\n\r\n");
         assert!(
             wait_until(Duration::from_secs(5), || socket_fds(server.pid)
                 .contains(&fd)),
@@ -174,8 +175,8 @@ fn a_reused_descriptor_never_gets_a_stale_answer() {
              meant for the client that left"
         );
         assert!(
-            took >= Duration::from_millis(1150),
-            "{args:?}: HEAD /sleep/1200 on descriptor {fd} was answered after {took:?}: with \
+            took >= Duration::from_millis(1950),
+            "{args:?}: HEAD /sleep/2000 on descriptor {fd} was answered after {took:?}: with \
              the answer meant for the client that left"
         );
         // Nothing else came with it: the next answer on the connection is exactly its own.
@@ -219,18 +220,20 @@ fn half_closed_slow_request_still_answered() {
 
 #[test]
 fn the_loop_sleeps_while_idle_and_while_workers_work() {
-    let server = Server::start(BIN, &[]);
+    // Head deadlines of 1 s, shorter than the jobs: a connection waiting for a worker must
+    // neither be closed at its deadline nor make the loop spin on it.
+    let server = Server::start(BIN, &["--timeout-secs", "1"]);
     let idle = cpu_in_a_second(&server);
     assert!(
         idle < Duration::from_millis(50),
         "idle, the server burnt {idle:?} of CPU in 1 s"
     );
-    let mut slow: Vec<Client> = (0..4).map(|_| send_sleep(&server, 2500)).collect();
+    let mut slow: Vec<Client> = (0..4).map(|_| send_sleep(&server, 3000)).collect();
     thread::sleep(Duration::from_millis(300)); // the four workers have them
-    let busy = cpu_in_a_second(&server);
+    let busy = cpu_in_a_second(&server) + cpu_in_a_second(&server);
     assert!(
-        busy < Duration::from_millis(100),
-        "with four /sleep/2500 out with the workers, the server burnt {busy:?} of CPU in 1 s: \
+        busy < Duration::from_millis(150),
+        "with four /sleep/3000 out with the workers, the server burnt {busy:?} of CPU in 2 s: \
          the loop does not sleep while it waits for them"
     );
     for (i, client) in slow.iter_mut().enumerate() {
