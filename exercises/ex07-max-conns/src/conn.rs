@@ -243,16 +243,22 @@ impl Connection {
         if now >= self.deadline {
             return Step::Stop(Progress::Closed(None)); // no whole head in time: close
         }
+        // End-of-file here means the client has closed its side, and what we hold is not a
+        // whole request.
+        self.read_some(seen, |conn, bytes| conn.received.extend_from_slice(bytes))
+    }
+
+    /// Reads once, and hands what came to `keep`; unless the last read of this turn emptied the
+    /// receive buffer already. A read of 0 bytes is end-of-file: the client has closed its side.
+    fn read_some(&mut self, seen: &mut Seen, keep: fn(&mut Self, &[u8])) -> Step {
         if seen.drained {
             return Step::Stop(Progress::Blocked);
         }
         let mut chunk = [0; READ_CHUNK];
         match self.stream.read(&mut chunk) {
-            // A read of 0 bytes is end-of-file: the client has closed its side, and what we
-            // hold is not a whole request.
             Ok(0) => Step::Stop(Progress::Closed(None)),
             Ok(n) => {
-                self.received.extend_from_slice(&chunk[..n]);
+                keep(self, &chunk[..n]);
                 seen.drained = n < chunk.len();
                 Step::Again
             }
@@ -373,19 +379,7 @@ impl Connection {
         if now >= self.deadline || self.count >= LINGER_BYTES as u64 {
             return Step::Stop(Progress::Closed(None));
         }
-        if seen.drained {
-            return Step::Stop(Progress::Blocked);
-        }
-        let mut chunk = [0; READ_CHUNK];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => Step::Stop(Progress::Closed(None)),
-            Ok(n) => {
-                self.count += n as u64;
-                seen.drained = n < chunk.len();
-                Step::Again
-            }
-            Err(err) => Self::failed(err),
-        }
+        self.read_some(seen, |conn, bytes| conn.count += bytes.len() as u64)
     }
     // ANCHOR_END: linger
 
