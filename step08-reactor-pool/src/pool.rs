@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::mem;
 use std::os::fd::RawFd;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use anyhow::Context;
@@ -141,6 +141,6 @@ fn work(queue: &Mutex<Receiver<Job>>, done: &Done) {
 
 /// Takes `mutex`. A thread that panicked while holding it would leave it "poisoned"; what it
 /// guards here (a queue, a `Vec`) is whole after any push or swap, so we go on with it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
