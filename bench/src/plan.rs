@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 /// Every step's binary, with its step number.
-pub const STEPS: [(u8, &str); 9] = [
+pub const STEPS: [(u8, &str); 10] = [
     (1, "step01-iterative"),
     (2, "step02-fork"),
     (3, "step03-threads"),
@@ -15,6 +15,7 @@ pub const STEPS: [(u8, &str); 9] = [
     (6, "step06-select"),
     (7, "step07-epoll"),
     (7, "step07-mio"),
+    (8, "step08-reactor-pool"),
     (10, "step10-io-uring"),
 ];
 
@@ -56,7 +57,8 @@ impl Row {
 /// The rows for `steps` (all when empty), with their binaries in `bin_dir`, plus nginx.
 pub fn rows(bin_dir: &Path, steps: &[u8], nginx: Option<PathBuf>) -> Result<Vec<Row>> {
     if let Some(unknown) = steps.iter().find(|n| !STEPS.iter().any(|(s, _)| s == *n)) {
-        bail!("there is no step {unknown}: the steps are 1 to 7");
+        let last = STEPS.last().map_or(0, |&(number, _)| number);
+        bail!("there is no step {unknown}: the steps are 1 to {last}");
     }
     let mut rows = Vec::new();
     let mut missing = Vec::new();
@@ -305,7 +307,8 @@ mod tests {
             text.contains("step01-iterative, step07-epoll, step07-mio"),
             "{text}"
         );
-        assert!(rows(Path::new("/"), &[8], None).is_err());
+        let err = rows(Path::new("/"), &[9], None).expect_err("no step 9 yet");
+        assert!(err.to_string().contains("the steps are 1 to 8"), "{err}");
     }
 
     #[test]
