@@ -307,8 +307,8 @@ mod tests {
             text.contains("step01-iterative, step07-epoll, step07-mio"),
             "{text}"
         );
-        let err = rows(Path::new("/"), &[9], None).expect_err("no step 9 yet");
-        assert!(err.to_string().contains("the steps are 1 to 8"), "{err}");
+        let err = rows(Path::new("/"), &[11], None).expect_err("no step 11");
+        assert!(err.to_string().contains("there is no step 11"), "{err}");
     }
 
     #[test]
