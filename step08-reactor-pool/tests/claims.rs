@@ -123,6 +123,29 @@ fn slow_request_beyond_workers_and_queue_gets_503_at_once() {
     }
 }
 
+/// A burst of slow requests that arrive together, in one `epoll_wait`: every worker takes one,
+/// and only those beyond `workers + max_queue` are refused, though no worker has had the time
+/// to start on its job when the loop hands out the next.
+#[test]
+fn a_burst_of_slow_requests_fills_every_worker_before_any_503() {
+    let server = Server::start(BIN, &["--workers", "4", "--max-queue", "0"]);
+    let mut clients: Vec<Client> = (0..5).map(|_| server.connect()).collect();
+    let request = b"GET /sleep/1000 HTTP/1.1\r\nHost: test\r\n\r\n";
+    for client in &mut clients {
+        client.send(request);
+    }
+    let mut statuses: Vec<u16> = clients
+        .iter_mut()
+        .map(|client| answer(&server, client, "a slow request of the burst").status)
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 503],
+        "5 slow requests at once with 4 idle workers and no queue: 4 must be served, 1 refused"
+    );
+}
+
 #[test]
 fn a_reused_descriptor_never_gets_a_stale_answer() {
     for args in MODES {
