@@ -152,12 +152,16 @@ fn complete(
     ring: &mut Ring,
     due: &mut Vec<RawFd>,
 ) {
-    let Some(slot) = table.get_mut(tag.fd) else {
-        return; // never: a connection stays until its operation completes
+    // Never absent, never of another generation: a connection stays in the table until its
+    // operation completes, so the slot at `tag.fd` is still the one that submitted it. Checked
+    // in debug builds; a release build ignores a stray completion rather than crash.
+    let found = table
+        .get_mut(tag.fd)
+        .filter(|slot| slot.generation == tag.generation);
+    debug_assert!(found.is_some(), "a completion for no connection: {tag:?}");
+    let Some(slot) = found else {
+        return;
     };
-    if slot.generation != tag.generation {
-        return; // never either: that was another connection on the same number
-    }
     let step = slot.conn.completed(result);
     if slot.closing {
         close(tag.fd, None, table, ring); // it waited for this completion to be closed
@@ -271,11 +275,24 @@ impl From<Io> for Op {
 /// 32 to 55. The generation tells two connections apart that had the same descriptor number
 /// one after the other, so that a completion, or a cancellation, is never applied to the
 /// wrong one.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tag {
     op: Op,
     fd: RawFd,
     generation: u32,
+}
+
+/// A generation has 24 bits: that is what is left of the 64 once the operation and the
+/// descriptor have theirs. Every generation we make is counted modulo 2^24 (`& GENERATION_MASK`
+/// after each increment), so the number kept in a slot, or in `Timers`, is exactly the number a
+/// tag brings back. Counting with all 32 bits and keeping 24 in the tag would make the two differ
+/// from the 2^24th connection on, and every completion would then look like a stranger's.
+const GENERATION_BITS: u32 = 24;
+const GENERATION_MASK: u32 = (1 << GENERATION_BITS) - 1;
+
+/// The next generation after `generation`, modulo 2^24: 0xff_ffff is followed by 0.
+fn next_generation(generation: u32) -> u32 {
+    generation.wrapping_add(1) & GENERATION_MASK
 }
 
 const OPS: [Op; 7] = [
@@ -298,7 +315,8 @@ impl Tag {
             .iter()
             .position(|&op| op == self.op)
             .unwrap_or(OPS.len()) as u64;
-        let generation = u64::from(self.generation & 0xff_ffff);
+        debug_assert_eq!(self.generation, self.generation & GENERATION_MASK);
+        let generation = u64::from(self.generation & GENERATION_MASK);
         (op << 56) | (generation << 32) | u64::from(self.fd as u32)
     }
 
@@ -307,7 +325,7 @@ impl Tag {
         Tag {
             op: OPS.get(op).copied().unwrap_or(Op::Unknown),
             fd: user_data as u32 as RawFd,
-            generation: ((user_data >> 32) & 0xff_ffff) as u32,
+            generation: (user_data >> 32) as u32 & GENERATION_MASK,
         }
     }
 }
@@ -452,6 +470,7 @@ struct Table {
     slots: Vec<Option<Slot>>,
     /// How many slots hold a connection: counted, never found by a scan.
     live: usize,
+    /// The last generation given, modulo 2^24 like every generation (see `GENERATION_BITS`).
     generations: u32,
 }
 
@@ -465,7 +484,7 @@ impl Table {
         if self.slots.len() <= at {
             self.slots.resize_with(at + 1, || None);
         }
-        self.generations = self.generations.wrapping_add(1);
+        self.generations = next_generation(self.generations);
         self.live += 1;
         self.slots[at] = Some(Slot {
             conn,
@@ -506,7 +525,8 @@ impl Table {
 #[derive(Default)]
 struct Timers {
     heap: BinaryHeap<Reverse<(Instant, RawFd, u32)>>,
-    /// The timeout in flight: when it fires, and its number (the generation of its tag).
+    /// The timeout in flight: when it fires, and its number (the generation of its tag, so
+    /// counted modulo 2^24 too).
     armed: Option<(Instant, u32)>,
     count: u32,
     /// How long the last timeout submitted waits. The kernel reads it when the entry is
@@ -523,7 +543,7 @@ impl Timers {
         if self.armed.is_some_and(|(armed, _)| armed <= at) {
             return;
         }
-        self.count = self.count.wrapping_add(1);
+        self.count = next_generation(self.count);
         self.armed = Some((at, self.count));
         self.timespec = types::Timespec::from(at.saturating_duration_since(now));
         let timeout = opcode::Timeout::new(&self.timespec).build();
@@ -532,10 +552,7 @@ impl Timers {
 
     /// A timeout has fired (or been cut short): if it was the one in flight, none is now.
     fn fired(&mut self, number: u32) {
-        if self
-            .armed
-            .is_some_and(|(_, armed)| armed & 0xff_ffff == number)
-        {
+        if self.armed.is_some_and(|(_, armed)| armed == number) {
             self.armed = None;
         }
     }
@@ -624,4 +641,41 @@ fn announce(listener: &TcpListener) -> anyhow::Result<()> {
     );
     log!("watch: lsof -p {pid}   strace -c -f -p {pid}   grep VmRSS /proc/{pid}/status");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection to ourselves, as the table holds them.
+    fn connection(listener: &TcpListener) -> Connection {
+        let stream =
+            TcpStream::connect(listener.local_addr().expect("an address")).expect("connect");
+        let peer = stream.peer_addr().expect("a peer");
+        Connection::new(stream, peer, Instant::now(), Duration::from_secs(10))
+    }
+
+    #[test]
+    fn generations_wrap_as_tags_do() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        // Two connections before the 24 bits run out, and two after.
+        let mut table = Table {
+            generations: GENERATION_MASK - 2,
+            ..Table::default()
+        };
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let fd = table.insert(connection(&listener));
+            let slot = table.get_mut(fd).expect("the connection just inserted");
+            let tag = Tag::new(Op::Recv, fd, slot.generation);
+            let back = Tag::decode(tag.encode());
+            assert_eq!(back, tag, "a tag round-trips");
+            assert_eq!(
+                back.generation, slot.generation,
+                "the tag of connection {fd} names its slot's generation"
+            );
+            seen.push(slot.generation);
+        }
+        assert_eq!(seen, [GENERATION_MASK - 1, GENERATION_MASK, 0, 1]);
+    }
 }
