@@ -84,13 +84,15 @@ fn main() -> anyhow::Result<()> {
     let mut table = Table::default();
     let mut timers = Timers::default();
     let mut listening = Listening::Accept;
-    ring.push(&listening.entry(&listener));
+    ring.push(&listening.entry(&listener))?;
     loop {
         // ANCHOR: wait
-        timers.arm(Instant::now(), &mut ring);
-        // One system call: submit everything queued since the last, and wait for one result.
+        timers.arm(Instant::now(), &mut ring)?;
+        // One system call: submit everything queued since the last, and wait for one result;
+        // or for none, if completions were taken out early (the backlog) and wait for us.
         // A signal cuts the wait short (EINTR); a full completion ring (EBUSY) is emptied below.
-        match ring.uring.submit_and_wait(1) {
+        let want = usize::from(ring.backlog.is_empty());
+        match ring.uring.submit_and_wait(want) {
             Ok(_) => {}
             Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
             Err(err) => return Err(err).context("io_uring_enter"),
@@ -98,13 +100,10 @@ fn main() -> anyhow::Result<()> {
         // ANCHOR_END: wait
         let now = Instant::now();
         let mut due = Vec::new();
-        // The completions, read from the shared ring without a system call. Copied out first:
-        // handling them pushes new submissions on the same ring.
-        let done: Vec<(u64, i32)> = ring
-            .uring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
+        // The completions: the backlog first, then those in the shared ring, read without a
+        // system call. Copied out first: handling them pushes new submissions on the same ring.
+        let mut done = std::mem::take(&mut ring.backlog);
+        done.extend(ring.reap());
         for (user_data, result) in done {
             let tag = Tag::decode(user_data);
             match tag.op {
@@ -118,16 +117,16 @@ fn main() -> anyhow::Result<()> {
                         Err(Refused::OutOfFds) => Listening::Poll,
                         Err(Refused::Other) => Listening::Accept,
                     };
-                    ring.push(&listening.entry(&listener));
+                    ring.push(&listening.entry(&listener))?;
                 }
                 Op::Listen => {
                     // A client waits, and we were out of descriptors: try `accept` again.
                     listening = Listening::Accept;
-                    ring.push(&listening.entry(&listener));
+                    ring.push(&listening.entry(&listener))?;
                 }
                 Op::Timer => timers.fired(tag.generation),
                 Op::Recv | Op::Send => {
-                    complete(tag, outcome(result), &mut table, &mut ring, &mut due)
+                    complete(tag, outcome(result), &mut table, &mut ring, &mut due)?
                 }
                 Op::Cancel | Op::Close | Op::Unknown => {} // nothing waits on these
             }
@@ -137,21 +136,22 @@ fn main() -> anyhow::Result<()> {
         due.sort_unstable();
         due.dedup();
         for fd in due {
-            serve(fd, now, &mut table, &mut ring, &mut timers);
+            serve(fd, now, &mut table, &mut ring, &mut timers)?;
         }
     }
     // ANCHOR_END: event_loop
 }
 
 // ANCHOR: complete
-/// The `recv` or `send` of connection `tag.fd` has completed: its buffer is ours again.
+/// The `recv` or `send` of connection `tag.fd` has completed: its buffer is ours again. An
+/// error is the ring's (see `close`), and ends the server.
 fn complete(
     tag: Tag,
     result: io::Result<usize>,
     table: &mut Table,
     ring: &mut Ring,
     due: &mut Vec<RawFd>,
-) {
+) -> io::Result<()> {
     // Never absent, never of another generation: a connection stays in the table until its
     // operation completes, so the slot at `tag.fd` is still the one that submitted it. Checked
     // in debug builds; a release build ignores a stray completion rather than crash.
@@ -160,29 +160,37 @@ fn complete(
         .filter(|slot| slot.generation == tag.generation);
     debug_assert!(found.is_some(), "a completion for no connection: {tag:?}");
     let Some(slot) = found else {
-        return;
+        return Ok(());
     };
     let step = slot.conn.completed(result);
     if slot.closing {
-        close(tag.fd, None, table, ring); // it waited for this completion to be closed
-        return;
+        return close(tag.fd, None, table, ring); // it waited for this completion to be closed
     }
     match step {
         Step::Stop(Progress::Closed(why)) => close(tag.fd, why, table, ring),
-        Step::Again | Step::Stop(_) => due.push(tag.fd),
+        Step::Again | Step::Stop(_) => {
+            due.push(tag.fd);
+            Ok(())
+        }
     }
 }
 // ANCHOR_END: complete
 
 // ANCHOR: serve
 /// Gives connection `fd` its turn: submits what it asks for next, or closes it; then brings
-/// its deadline up to date.
-fn serve(fd: RawFd, now: Instant, table: &mut Table, ring: &mut Ring, timers: &mut Timers) {
+/// its deadline up to date. An error is the ring's (see `close`), and ends the server.
+fn serve(
+    fd: RawFd,
+    now: Instant,
+    table: &mut Table,
+    ring: &mut Ring,
+    timers: &mut Timers,
+) -> io::Result<()> {
     let Some(slot) = table.get_mut(fd) else {
-        return; // closed earlier in this same turn
+        return Ok(()); // closed earlier in this same turn
     };
     if slot.closing {
-        return; // waiting for its last completion
+        return Ok(()); // waiting for its last completion
     }
     match slot.conn.drive(now) {
         Progress::Submit(io) => {
@@ -204,15 +212,19 @@ fn serve(fd: RawFd, now: Instant, table: &mut Table, ring: &mut Ring, timers: &m
             // this operation's completion the connection is `busy`: it neither touches, resizes
             // nor frees that buffer, starts no other operation, and is not removed from the
             // table (closing it first cancels the operation and waits for the completion).
-            unsafe { ring.push_unchecked(&entry.user_data(tag.encode())) };
+            let pushed = unsafe { ring.push_unchecked(&entry.user_data(tag.encode())) };
+            if let Err(err) = pushed {
+                // Not submitted: the kernel never saw the buffer, and nothing is in flight.
+                // The connection cannot go on without its operation: close it.
+                slot.conn.unsubmitted();
+                return close(fd, Some(err), table, ring);
+            }
         }
         Progress::Waiting => {}
-        Progress::Closed(why) => {
-            close(fd, why, table, ring);
-            return;
-        }
+        Progress::Closed(why) => return close(fd, why, table, ring),
     }
     timers.follow(fd, slot);
+    Ok(())
 }
 // ANCHOR_END: serve
 
@@ -221,9 +233,13 @@ fn serve(fd: RawFd, now: Instant, table: &mut Table, ring: &mut Ring, timers: &m
 /// still be using its buffer: ask for it to be cancelled, and close once its completion (of
 /// `ECANCELED`, or of a result that came first) arrives. Otherwise the socket goes to the
 /// kernel with a `close` operation, and the connection, buffers and all, is dropped.
-fn close(fd: RawFd, why: Option<io::Error>, table: &mut Table, ring: &mut Ring) {
+///
+/// An error means the ring takes no more submissions: the cancellation could not be queued, and
+/// the connection would wait for its completion forever. That is not this connection's fault
+/// but the server's: it goes up to `main`, which stops.
+fn close(fd: RawFd, why: Option<io::Error>, table: &mut Table, ring: &mut Ring) -> io::Result<()> {
     let Some(slot) = table.get_mut(fd) else {
-        return;
+        return Ok(());
     };
     if let Some(err) = why {
         log!("{}: {err}", slot.conn.peer);
@@ -233,15 +249,23 @@ fn close(fd: RawFd, why: Option<io::Error>, table: &mut Table, ring: &mut Ring) 
             slot.closing = true;
             let target = Tag::new(io.into(), fd, slot.generation).encode();
             let cancel = opcode::AsyncCancel::new(target).build();
-            ring.push(&cancel.user_data(Tag::new(Op::Cancel, fd, slot.generation).encode()));
+            ring.push(&cancel.user_data(Tag::new(Op::Cancel, fd, slot.generation).encode()))?;
         }
-        return;
+        return Ok(());
     }
     if let Some(slot) = table.remove(fd) {
         let tag = Tag::new(Op::Close, fd, slot.generation).encode();
-        let close = opcode::Close::new(types::Fd(slot.conn.into_fd())).build();
-        ring.push(&close.user_data(tag));
+        let close = opcode::Close::new(types::Fd(fd)).build();
+        match ring.push(&close.user_data(tag)) {
+            // Queued: the descriptor is the kernel's to close now, not the socket's `Drop`'s.
+            Ok(()) => {
+                slot.conn.into_fd();
+            }
+            // Not queued: the socket's `Drop` closes it, here and now.
+            Err(err) => log!("{fd}: cannot queue its close ({err}); closed directly"),
+        }
     }
+    Ok(())
 }
 // ANCHOR_END: close
 
@@ -340,6 +364,9 @@ fn outcome(result: i32) -> io::Result<usize> {
 /// The submission and completion queues, and what it takes to fill the first.
 struct Ring {
     uring: IoUring,
+    /// Completions taken out of the completion ring early, to make room for the kernel's (see
+    /// `Ring::submit`), and not yet handled: the loop takes them first, with the others.
+    backlog: Vec<(u64, i32)>,
 }
 
 impl Ring {
@@ -349,7 +376,10 @@ impl Ring {
     /// do: `EPERM`) ends the server here, with one line that says so.
     fn new(entries: u32) -> anyhow::Result<Ring> {
         match IoUring::new(entries) {
-            Ok(uring) => Ok(Ring { uring }),
+            Ok(uring) => Ok(Ring {
+                uring,
+                backlog: Vec::new(),
+            }),
             Err(err) => Err(anyhow::anyhow!(
                 "this kernel refuses io_uring (io_uring_setup: {err}); see \
                  /proc/sys/kernel/io_uring_disabled, or the seccomp profile of this container"
@@ -359,27 +389,63 @@ impl Ring {
 
     /// Queues an operation that lends the kernel no memory of ours (accept, poll, cancel,
     /// close, timeout).
-    fn push(&mut self, entry: &squeue::Entry) {
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         // SAFETY: these operations lend the kernel no memory of ours beyond their submission:
         // a timeout's `timespec` is read when the entry is submitted, and it lives in
         // `Timers`, which outlives the loop.
         unsafe { self.push_unchecked(entry) }
     }
 
-    /// Queues an operation; when the submission ring is full, hands it to the kernel first.
+    /// Queues an operation; when the submission ring is full, hands its entries to the kernel
+    /// first, which empties it. If the ring is still full after that, or the kernel refuses the
+    /// entries, the operation is not queued, and the error says why: trying again would only
+    /// spin.
     ///
     /// # Safety
     /// Whatever memory `entry` points to must stay valid and untouched until its completion.
-    unsafe fn push_unchecked(&mut self, entry: &squeue::Entry) {
-        loop {
+    unsafe fn push_unchecked(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..2 {
             // SAFETY: passed on to the caller.
             if unsafe { self.uring.submission().push(entry) }.is_ok() {
-                return;
+                return Ok(());
             }
-            if let Err(err) = self.uring.submit() {
-                log!("io_uring_enter: {err}");
+            self.submit()?;
+        }
+        Err(io::Error::other("the submission ring stays full"))
+    }
+
+    /// Hands the kernel every entry queued, without waiting for any completion.
+    ///
+    /// The kernel may refuse with `EBUSY`: older kernels do when the completion ring has
+    /// overflowed (more completions than it has room for, the surplus held in a list inside the
+    /// kernel), until we read some and make room. Waiting cannot make room, and the loop cannot
+    /// read them now: we are in the middle of its work. So the completions are taken out of
+    /// the ring here, into the backlog that the loop handles next, and the kernel is asked
+    /// again; it then moves its surplus into the room made, and takes our entries. Only if the
+    /// ring was already empty is `EBUSY` returned: nothing we can do would make room.
+    fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.uring.submit() {
+                Ok(_) => return Ok(()),
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {} // a signal: again
+                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                    let before = self.backlog.len();
+                    let reaped: Vec<(u64, i32)> = self.reap().collect();
+                    self.backlog.extend(reaped);
+                    if self.backlog.len() == before {
+                        return Err(err);
+                    }
+                }
+                Err(err) => return Err(err),
             }
         }
+    }
+
+    /// Takes every completion in the completion ring: its tag and its result.
+    fn reap(&mut self) -> impl Iterator<Item = (u64, i32)> + '_ {
+        self.uring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
     }
 }
 // ANCHOR_END: ring
@@ -536,18 +602,18 @@ struct Timers {
 
 impl Timers {
     /// Makes sure a timeout is in flight for the earliest deadline.
-    fn arm(&mut self, now: Instant, ring: &mut Ring) {
+    fn arm(&mut self, now: Instant, ring: &mut Ring) -> io::Result<()> {
         let Some(&Reverse((at, _, _))) = self.heap.peek() else {
-            return;
+            return Ok(());
         };
         if self.armed.is_some_and(|(armed, _)| armed <= at) {
-            return;
+            return Ok(());
         }
         self.count = next_generation(self.count);
         self.armed = Some((at, self.count));
         self.timespec = types::Timespec::from(at.saturating_duration_since(now));
         let timeout = opcode::Timeout::new(&self.timespec).build();
-        ring.push(&timeout.user_data(Tag::new(Op::Timer, 0, self.count).encode()));
+        ring.push(&timeout.user_data(Tag::new(Op::Timer, 0, self.count).encode()))
     }
 
     /// A timeout has fired (or been cut short): if it was the one in flight, none is now.
@@ -653,6 +719,63 @@ mod tests {
             TcpStream::connect(listener.local_addr().expect("an address")).expect("connect");
         let peer = stream.peer_addr().expect("a peer");
         Connection::new(stream, peer, Instant::now(), Duration::from_secs(10))
+    }
+
+    #[test]
+    fn a_ring_that_refuses_entries_is_an_error_not_a_spin() {
+        // A ring created disabled (`IORING_SETUP_R_DISABLED`): `io_uring_enter` refuses it
+        // (`EBADFD`) until it is enabled, and here it never is. A persistent error, then: the
+        // third push into two entries must fail, not try again forever.
+        let uring = IoUring::builder()
+            .setup_r_disabled()
+            .build(2)
+            .expect("a ring");
+        let (tell, told) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ring = Ring {
+                uring,
+                backlog: Vec::new(),
+            };
+            let nop = opcode::Nop::new().build();
+            let pushed: Vec<Option<i32>> = (0..3)
+                .map(|_| {
+                    ring.push(&nop)
+                        .err()
+                        .map(|err| err.raw_os_error().unwrap_or(0))
+                })
+                .collect();
+            let _ = tell.send(pushed);
+        });
+        let pushed = told.recv_timeout(Duration::from_secs(5)).expect(
+            "pushing into a full ring that the kernel refuses still runs after 5 s: it spins",
+        );
+        assert_eq!(pushed, [None, None, Some(libc::EBADFD)]);
+    }
+
+    #[test]
+    fn an_overflowing_completion_ring_loses_nothing() {
+        // Two submission entries and four completion entries, and twenty operations pushed
+        // without reading a completion: the ring fills many times over.
+        let mut builder = IoUring::builder();
+        let uring = builder.setup_cqsize(4).build(2).expect("a ring");
+        let mut ring = Ring {
+            uring,
+            backlog: Vec::new(),
+        };
+        for _ in 0..20 {
+            ring.push(&opcode::Nop::new().build()).expect("a push");
+        }
+        ring.submit().expect("a submit");
+        let mut seen = 0;
+        for _ in 0..20 {
+            seen += std::mem::take(&mut ring.backlog).len() + ring.reap().count();
+            if seen >= 20 {
+                break;
+            }
+            // Makes the kernel move what it holds beyond the ring into the room made.
+            ring.uring.submit_and_wait(0).expect("io_uring_enter");
+        }
+        assert_eq!(seen, 20, "completions of 20 operations");
     }
 
     #[test]
