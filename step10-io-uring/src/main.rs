@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, Probe, opcode, squeue, types};
 
 use plumbing::{Reserve, set_fd_limit};
 use uring_conn::{Connection, Io, Progress, Step};
@@ -371,20 +371,38 @@ struct Ring {
 
 impl Ring {
     /// Sets up the rings with room for `entries` submissions at a time (the completion ring
-    /// gets twice that). A kernel that refuses (too old: `ENOSYS`; `io_uring` turned off by the
-    /// sysctl `kernel.io_uring_disabled` or blocked by a seccomp filter, as container runtimes
-    /// do: `EPERM`) ends the server here, with one line that says so.
+    /// gets twice that), and makes sure the kernel can do every operation we will submit. A
+    /// kernel that refuses (too old: `ENOSYS`; `io_uring` turned off by the sysctl
+    /// `kernel.io_uring_disabled` or blocked by a seccomp filter, as container runtimes do:
+    /// `EPERM`), or that lacks an operation, ends the server here, with one line that says so.
     fn new(entries: u32) -> anyhow::Result<Ring> {
-        match IoUring::new(entries) {
-            Ok(uring) => Ok(Ring {
-                uring,
-                backlog: Vec::new(),
-            }),
-            Err(err) => Err(anyhow::anyhow!(
+        let uring = IoUring::new(entries).map_err(|err| {
+            anyhow::anyhow!(
                 "this kernel refuses io_uring (io_uring_setup: {err}); see \
                  /proc/sys/kernel/io_uring_disabled, or the seccomp profile of this container"
-            )),
+            )
+        })?;
+        // A ring is no promise that every operation is there: each came with its own kernel
+        // release, and an unknown one fails only when its completion comes back (`EINVAL`),
+        // long after start-up. So ask now. The probe (`IORING_REGISTER_PROBE`, Linux 5.6)
+        // lists the opcodes this kernel knows; a kernel without the probe is too old anyway.
+        let mut probe = Probe::new();
+        if let Err(err) = uring.submitter().register_probe(&mut probe) {
+            return Err(anyhow::anyhow!(
+                "this kernel refuses io_uring (io_uring_register IORING_REGISTER_PROBE: {err}); \
+                 step 10 needs Linux 5.6 or later, and io_uring_register allowed by seccomp"
+            ));
         }
+        if let Some(name) = missing(|code| probe.is_supported(code)) {
+            return Err(anyhow::anyhow!(
+                "this kernel refuses io_uring's {name}, which step 10 submits; it needs Linux \
+                 5.6 or later"
+            ));
+        }
+        Ok(Ring {
+            uring,
+            backlog: Vec::new(),
+        })
     }
 
     /// Queues an operation that lends the kernel no memory of ours (accept, poll, cancel,
@@ -449,6 +467,25 @@ impl Ring {
     }
 }
 // ANCHOR_END: ring
+
+/// Every operation this step submits, by the name the kernel's header gives it.
+const NEEDED: [(&str, u8); 7] = [
+    ("IORING_OP_ACCEPT", opcode::Accept::CODE),
+    ("IORING_OP_RECV", opcode::Recv::CODE),
+    ("IORING_OP_SEND", opcode::Send::CODE),
+    ("IORING_OP_CLOSE", opcode::Close::CODE),
+    ("IORING_OP_ASYNC_CANCEL", opcode::AsyncCancel::CODE),
+    ("IORING_OP_TIMEOUT", opcode::Timeout::CODE),
+    ("IORING_OP_POLL_ADD", opcode::PollAdd::CODE),
+];
+
+/// The first operation we need that `supported` says the kernel lacks, if any.
+fn missing(supported: impl Fn(u8) -> bool) -> Option<&'static str> {
+    NEEDED
+        .iter()
+        .find(|&&(_, code)| !supported(code))
+        .map(|&(name, _)| name)
+}
 
 // ANCHOR: accept
 /// What the listener has in flight: an `accept`, or, while we are out of descriptors, a `poll`
@@ -776,6 +813,19 @@ mod tests {
             ring.uring.submit_and_wait(0).expect("io_uring_enter");
         }
         assert_eq!(seen, 20, "completions of 20 operations");
+    }
+
+    #[test]
+    fn a_missing_operation_is_named() {
+        assert_eq!(missing(|_| true), None, "a kernel with every operation");
+        assert_eq!(
+            missing(|code| code != opcode::Recv::CODE),
+            Some("IORING_OP_RECV")
+        );
+        assert_eq!(missing(|_| false), Some("IORING_OP_ACCEPT"));
+        // And this kernel, the one the tests run on, has them all.
+        let ring = Ring::new(2);
+        assert!(ring.is_ok(), "{:?}", ring.err());
     }
 
     #[test]
