@@ -211,7 +211,9 @@ fn serve(
             // `send`), on the heap, so it does not move when the table does. From now until
             // this operation's completion the connection is `busy`: it neither touches, resizes
             // nor frees that buffer, starts no other operation, and is not removed from the
-            // table (closing it first cancels the operation and waits for the completion).
+            // table (closing it first cancels the operation and waits for the completion); and
+            // the table is never freed while it is busy, even if the loop ends early (it leaks
+            // its connections instead: see `impl Drop for Table`).
             let pushed = unsafe { ring.push_unchecked(&entry.user_data(tag.encode())) };
             if let Err(err) = pushed {
                 // Not submitted: the kernel never saw the buffer, and nothing is in flight.
@@ -614,6 +616,27 @@ impl Table {
         slot
     }
 }
+
+/// The table is dropped when `main` returns: after an error, or while a panic unwinds. The ring
+/// may still hold operations of ours then, each with a pointer to a connection's buffer, and
+/// the kernel does not stop them because our loop stopped: a `recv` still writes into its
+/// `inbox` when the client's bytes arrive. (Closing the ring cancels them, but not at once:
+/// the kernel tears a ring down in the background, and the ring is dropped after the table in
+/// any case, being declared before it.) So if any operation may be in flight, the connections
+/// are leaked, not freed: memory that is never given back can never be given to someone else
+/// while the kernel writes into it. The process is ending; the leak lasts until it does.
+impl Drop for Table {
+    fn drop(&mut self) {
+        let lent = self
+            .slots
+            .iter()
+            .flatten()
+            .any(|slot| slot.conn.busy().is_some());
+        if lent {
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
+    }
+}
 // ANCHOR_END: table
 
 // ANCHOR: timers
@@ -746,6 +769,49 @@ fn announce(listener: &TcpListener) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For the tests: an allocator that says whether one address, the one it watches, was freed.
+#[cfg(test)]
+mod watch {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    static WATCHED: AtomicUsize = AtomicUsize::new(0);
+    static FREED: AtomicBool = AtomicBool::new(false);
+
+    /// The system's allocator, watching one address.
+    pub struct Watch;
+
+    // SAFETY: every call is passed on to the system's allocator unchanged; `dealloc` only
+    // compares the address first.
+    unsafe impl GlobalAlloc for Watch {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the caller's promises about `layout` are passed on.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if ptr as usize == WATCHED.load(Ordering::SeqCst) {
+                FREED.store(true, Ordering::SeqCst);
+            }
+            // SAFETY: `ptr` came from `alloc` above, so from `System`, with this `layout`.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Watch = Watch;
+
+    /// Watches `ptr` from now on.
+    pub fn watch(ptr: *const u8) {
+        FREED.store(false, Ordering::SeqCst);
+        WATCHED.store(ptr as usize, Ordering::SeqCst);
+    }
+
+    /// Whether the address watched has been freed since `watch`.
+    pub fn freed() -> bool {
+        FREED.load(Ordering::SeqCst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -829,13 +895,39 @@ mod tests {
     }
 
     #[test]
+    fn a_table_never_frees_a_buffer_lent_to_the_kernel() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        // First, a table whose connection lends nothing: dropped, it frees the `inbox`. (This
+        // shows that the watch sees a free.)
+        let mut table = Table::default();
+        let fd = table.insert(connection(&listener));
+        let slot = table.get_mut(fd).expect("the connection");
+        watch::watch(slot.conn.recv_buffer().0);
+        drop(table);
+        assert!(watch::freed(), "an idle table's connections are freed");
+        // Then one whose connection has a `recv` in flight (`drive` says so, and marks it
+        // busy): its `inbox` is the kernel's, and must outlive the table.
+        let mut table = Table::default();
+        let fd = table.insert(connection(&listener));
+        let slot = table.get_mut(fd).expect("the connection");
+        assert!(matches!(
+            slot.conn.drive(Instant::now()),
+            Progress::Submit(Io::Recv)
+        ));
+        watch::watch(slot.conn.recv_buffer().0);
+        drop(table);
+        assert!(
+            !watch::freed(),
+            "a table dropped with a recv in flight freed that recv's buffer"
+        );
+    }
+
+    #[test]
     fn generations_wrap_as_tags_do() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         // Two connections before the 24 bits run out, and two after.
-        let mut table = Table {
-            generations: GENERATION_MASK - 2,
-            ..Table::default()
-        };
+        let mut table = Table::default();
+        table.generations = GENERATION_MASK - 2;
         let mut seen = Vec::new();
         for _ in 0..4 {
             let fd = table.insert(connection(&listener));
