@@ -44,6 +44,7 @@ use anyhow::Context;
 use clap::Parser;
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
+use nix::sys::resource::{Resource, getrlimit};
 use plumbing::{Reserve, set_fd_limit};
 use uring_conn::{Connection, Io, Progress, Step};
 
@@ -72,7 +73,8 @@ fn main() -> anyhow::Result<()> {
         .set_nonblocking(true)
         .context("cannot make the listener non-blocking")?;
     let mut reserve = Reserve::open()?;
-    let mut ring = Ring::new(args.entries)?;
+    let (fds, _) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    let mut ring = Ring::new(args.entries, completion_entries(args.entries, fds))?;
     announce(&listener)?;
     // ANCHOR_END: setup
 
@@ -104,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         // system call. Copied out first: handling them pushes new submissions on the same ring.
         let mut done = std::mem::take(&mut ring.backlog);
         done.extend(ring.reap());
+        ring.count_lost();
         for (user_data, result) in done {
             let tag = Tag::decode(user_data);
             match tag.op {
@@ -369,21 +372,27 @@ struct Ring {
     /// Completions taken out of the completion ring early, to make room for the kernel's (see
     /// `Ring::submit`), and not yet handled: the loop takes them first, with the others.
     backlog: Vec<(u64, i32)>,
+    /// Completions the kernel has dropped so far, for want of room (see `Ring::count_lost`).
+    lost: u32,
 }
 
 impl Ring {
-    /// Sets up the rings with room for `entries` submissions at a time (the completion ring
-    /// gets twice that), and makes sure the kernel can do every operation we will submit. A
+    /// Sets up the rings with room for `entries` submissions at a time and `cq_entries`
+    /// completions (see `completion_entries`), and makes sure the kernel can do every operation
+    /// we will submit. A
     /// kernel that refuses (too old: `ENOSYS`; `io_uring` turned off by the sysctl
     /// `kernel.io_uring_disabled` or blocked by a seccomp filter, as container runtimes do:
     /// `EPERM`), or that lacks an operation, ends the server here, with one line that says so.
-    fn new(entries: u32) -> anyhow::Result<Ring> {
-        let uring = IoUring::new(entries).map_err(|err| {
-            anyhow::anyhow!(
-                "this kernel refuses io_uring (io_uring_setup: {err}); see \
-                 /proc/sys/kernel/io_uring_disabled, or the seccomp profile of this container"
-            )
-        })?;
+    fn new(entries: u32, cq_entries: u32) -> anyhow::Result<Ring> {
+        let uring = match IoUring::builder().setup_cqsize(cq_entries).build(entries) {
+            Ok(uring) => uring,
+            Err(err) => {
+                return Err(anyhow::anyhow!(
+                    "this kernel refuses io_uring (io_uring_setup: {err}); see \
+                     /proc/sys/kernel/io_uring_disabled, or the seccomp profile of this container"
+                ));
+            }
+        };
         // A ring is no promise that every operation is there: each came with its own kernel
         // release, and an unknown one fails only when its completion comes back (`EINVAL`),
         // long after start-up. So ask now. The probe (`IORING_REGISTER_PROBE`, Linux 5.6)
@@ -404,6 +413,7 @@ impl Ring {
         Ok(Ring {
             uring,
             backlog: Vec::new(),
+            lost: 0,
         })
     }
 
@@ -461,6 +471,22 @@ impl Ring {
         }
     }
 
+    /// Logs the completions the kernel has dropped since the last call. A kernel keeps the
+    /// completions that find the ring full in a list of its own (`IORING_FEAT_NODROP`, since
+    /// 5.5) and drops one only when it cannot even allocate that; older kernels drop them at
+    /// once. Either way it counts them, in the ring's `overflow` counter. A dropped completion
+    /// is a connection that waits forever, its buffer lent: worth a line in the log.
+    fn count_lost(&mut self) {
+        let lost = self.uring.completion().overflow();
+        if lost != self.lost {
+            log!(
+                "io_uring: the completion ring overflowed, {} completions lost",
+                lost.wrapping_sub(self.lost)
+            );
+            self.lost = lost;
+        }
+    }
+
     /// Takes every completion in the completion ring: its tag and its result.
     fn reap(&mut self) -> impl Iterator<Item = (u64, i32)> + '_ {
         self.uring
@@ -469,6 +495,27 @@ impl Ring {
     }
 }
 // ANCHOR_END: ring
+
+/// The most completion entries a ring may have: the kernel's `IORING_MAX_CQ_ENTRIES`.
+const MAX_CQ_ENTRIES: u32 = 65_536;
+
+/// Room in the completion ring, for a submission ring of `entries` and a limit of `fds` open
+/// descriptors.
+///
+/// Every connection keeps one operation in flight, so there may be as many completions pending
+/// as descriptors open, plus the listener's, the timeout and the cancellations: all of them can
+/// come back in the same round, when every client sends at once. The kernel's default, twice
+/// the submission ring, is 512 here; past that, completions no longer fit, and the kernel must
+/// hold them in a list of its own (costing it memory, and on older kernels refusing our
+/// submissions, `EBUSY`, until we make room) or drop them. So the ring gets one entry per
+/// descriptor we may open, and 64 to spare; never fewer than twice the submission ring, and
+/// never more than the kernel allows. A completion entry is 16 bytes: 65,536 of them are 1 MiB.
+fn completion_entries(entries: u32, fds: u64) -> u32 {
+    let wanted = fds.saturating_add(64).min(u64::from(MAX_CQ_ENTRIES));
+    u32::try_from(wanted)
+        .unwrap_or(MAX_CQ_ENTRIES)
+        .max(entries.saturating_mul(2))
+}
 
 /// Every operation this step submits, by the name the kernel's header gives it.
 const NEEDED: [(&str, u8); 7] = [
@@ -745,7 +792,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     max_fds: Option<u64>,
     // ANCHOR: flags
-    /// Room in the submission ring, rounded up to a power of two; the completion ring gets twice
+    /// Room in the submission ring, rounded up to a power of two (the completion ring gets one
+    /// entry per descriptor allowed, see --max-fds)
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(2..=4096))]
     entries: u32,
@@ -838,6 +886,7 @@ mod tests {
             let mut ring = Ring {
                 uring,
                 backlog: Vec::new(),
+                lost: 0,
             };
             let nop = opcode::Nop::new().build();
             let pushed: Vec<Option<i32>> = (0..3)
@@ -864,6 +913,7 @@ mod tests {
         let mut ring = Ring {
             uring,
             backlog: Vec::new(),
+            lost: 0,
         };
         for _ in 0..20 {
             ring.push(&opcode::Nop::new().build()).expect("a push");
@@ -890,7 +940,7 @@ mod tests {
         );
         assert_eq!(missing(|_| false), Some("IORING_OP_ACCEPT"));
         // And this kernel, the one the tests run on, has them all.
-        let ring = Ring::new(2);
+        let ring = Ring::new(2, 4);
         assert!(ring.is_ok(), "{:?}", ring.err());
     }
 
@@ -920,6 +970,22 @@ mod tests {
             !watch::freed(),
             "a table dropped with a recv in flight freed that recv's buffer"
         );
+    }
+
+    #[test]
+    fn the_completion_ring_has_room_for_every_descriptor() {
+        assert_eq!(
+            completion_entries(256, 1024),
+            1088,
+            "a descriptor each, and 64"
+        );
+        assert_eq!(
+            completion_entries(256, 100),
+            512,
+            "never under twice the submissions"
+        );
+        assert_eq!(completion_entries(256, 1 << 20), MAX_CQ_ENTRIES);
+        assert_eq!(completion_entries(4096, u64::MAX), MAX_CQ_ENTRIES);
     }
 
     #[test]

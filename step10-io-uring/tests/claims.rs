@@ -179,6 +179,37 @@ fn keep_alive_load_costs_far_fewer_system_calls_than_step_7() {
 }
 
 #[test]
+fn completion_ring_has_room_for_every_descriptor() {
+    // 1,000 descriptors, and 64 to spare: 1,064 completion entries, which the kernel rounds up
+    // to a power of two, 2,048. Its `fdinfo` shows the ring's mask, one less.
+    let server = Server::start(BIN, &["--max-fds", "1000"]);
+    let fds = format!("/proc/{}/fd", server.pid);
+    let ring = fs::read_dir(&fds)
+        .expect("the server's descriptors")
+        .filter_map(|entry| entry.ok())
+        .find(|entry| {
+            fs::read_link(entry.path())
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:[io_uring]")
+        })
+        .expect("the server's ring among its descriptors");
+    let info = fs::read_to_string(format!(
+        "/proc/{}/fdinfo/{}",
+        server.pid,
+        ring.file_name().to_string_lossy()
+    ))
+    .expect("the ring's fdinfo");
+    let mask = info
+        .lines()
+        .find_map(|line| line.strip_prefix("CqMask:"))
+        .map(str::trim);
+    assert_eq!(
+        mask,
+        Some("0x7ff"),
+        "with --max-fds 1000 the completion ring should have 2048 entries:\n{info}"
+    );
+}
+
+#[test]
 fn strace_summary_is_parsed() {
     let text = "% time     seconds  usecs/call     calls    errors syscall\n\
                 ------ ----------- ----------- --------- --------- ----------------\n \
