@@ -111,6 +111,14 @@ fn main() -> anyhow::Result<()> {
             let tag = Tag::decode(user_data);
             match tag.op {
                 Op::Accept => {
+                    if matches!(-result, libc::EMFILE | libc::ENFILE) {
+                        // Out of descriptors. Connections closed earlier in this round have
+                        // their `close` queued, not done: the descriptors they hold are not
+                        // free yet. Hand the queue to the kernel first (a socket's `close`
+                        // runs at once, inside the call), so that the reserve's `accept`
+                        // below finds them free and serves the client instead of a 503.
+                        ring.submit().context("io_uring_enter")?;
+                    }
                     listening = match accepted(result, &listener, &mut reserve) {
                         Ok((stream, peer)) => {
                             // Due at once: its request has often arrived with it.
