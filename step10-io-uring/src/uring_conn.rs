@@ -145,6 +145,12 @@ impl Connection {
         self.busy
     }
 
+    /// The operation [`Connection::drive`] asked for could not be submitted after all: nothing
+    /// is in flight, and the buffers are ours.
+    pub fn unsubmitted(&mut self) {
+        self.busy = None;
+    }
+
     /// When the loop must drive this connection even if no operation completes.
     pub fn deadline(&self) -> Instant {
         self.deadline

@@ -179,6 +179,37 @@ fn keep_alive_load_costs_far_fewer_system_calls_than_step_7() {
 }
 
 #[test]
+fn completion_ring_has_room_for_every_descriptor() {
+    // 1,000 descriptors, and 64 to spare: 1,064 completion entries, which the kernel rounds up
+    // to a power of two, 2,048. Its `fdinfo` shows the ring's mask, one less.
+    let server = Server::start(BIN, &["--max-fds", "1000"]);
+    let fds = format!("/proc/{}/fd", server.pid);
+    let ring = fs::read_dir(&fds)
+        .expect("the server's descriptors")
+        .filter_map(|entry| entry.ok())
+        .find(|entry| {
+            fs::read_link(entry.path())
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:[io_uring]")
+        })
+        .expect("the server's ring among its descriptors");
+    let info = fs::read_to_string(format!(
+        "/proc/{}/fdinfo/{}",
+        server.pid,
+        ring.file_name().to_string_lossy()
+    ))
+    .expect("the ring's fdinfo");
+    let mask = info
+        .lines()
+        .find_map(|line| line.strip_prefix("CqMask:"))
+        .map(str::trim);
+    assert_eq!(
+        mask,
+        Some("0x7ff"),
+        "with --max-fds 1000 the completion ring should have 2048 entries:\n{info}"
+    );
+}
+
+#[test]
 fn strace_summary_is_parsed() {
     let text = "% time     seconds  usecs/call     calls    errors syscall\n\
                 ------ ----------- ----------- --------- --------- ----------------\n \
@@ -205,18 +236,32 @@ fn bpf(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
 #[test]
 fn refused_io_uring_is_one_clear_line_and_a_failure() {
     // What a container's seccomp profile does (recent versions of Docker's default one do):
-    // `io_uring_setup` fails with EPERM. The filter is installed in the child between
-    // `fork` and `exec`, and only there; the server inherits it.
-    // `<linux/bpf_common.h>`: load a 32-bit word at a fixed offset; jump if equal to a
-    // constant; return a constant (BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K).
+    // `io_uring_setup` fails with EPERM.
+    refused_with(libc::SYS_io_uring_setup, "io_uring_setup");
+}
+
+#[test]
+fn refused_probe_is_one_clear_line_and_a_failure() {
+    // A ring, but no `io_uring_register`: the server cannot ask which operations the kernel
+    // has, and must not start as if it knew.
+    refused_with(libc::SYS_io_uring_register, "IORING_REGISTER_PROBE");
+}
+
+/// Starts the server with system call `syscall` failing with EPERM, and checks that it exits
+/// with a failure and one line `Error: ... io_uring ...` that names `what`.
+fn refused_with(syscall: libc::c_long, what: &str) {
+    // The filter is installed in the child between `fork` and `exec`, and only there; the
+    // server inherits it. `<linux/bpf_common.h>`: load a 32-bit word at a fixed offset; jump
+    // if equal to a constant; return a constant (BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K,
+    // BPF_RET|BPF_K).
     const LD_W_ABS: u16 = 0x20;
     const JEQ_K: u16 = 0x15;
     const RET_K: u16 = 0x06;
-    let setup = u32::try_from(libc::SYS_io_uring_setup).expect("a syscall number");
+    let nr = u32::try_from(syscall).expect("a syscall number");
     let errno = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
     let mut filter = [
         bpf(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
-        bpf(JEQ_K, setup, 0, 1),
+        bpf(JEQ_K, nr, 0, 1),
         bpf(RET_K, errno, 0, 0),
         bpf(RET_K, libc::SECCOMP_RET_ALLOW, 0, 0),
     ];
@@ -263,7 +308,8 @@ fn refused_io_uring_is_one_clear_line_and_a_failure() {
     let output = child.wait_with_output().expect("the server's output");
     assert!(
         exited,
-        "refused io_uring, the server did not exit within 10 s"
+        "refused io_uring ({what}), the server did not exit within 10 s; it said:\n{}",
+        String::from_utf8_lossy(&output.stdout)
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -277,9 +323,11 @@ fn refused_io_uring_is_one_clear_line_and_a_failure() {
     );
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(
-        lines.len() == 1 && lines[0].starts_with("Error: ") && lines[0].contains("io_uring"),
-        "refused io_uring, the server must say so in one line `Error: ... io_uring ...`; it \
-         said:\n{stderr}"
+        lines.len() == 1
+            && lines[0].starts_with("Error: this kernel refuses io_uring")
+            && lines[0].contains(what),
+        "refused io_uring ({what}), the server must say so in one line `Error: this kernel \
+         refuses io_uring ... {what} ...`; it said:\n{stderr}"
     );
 }
 // ANCHOR_END: refused

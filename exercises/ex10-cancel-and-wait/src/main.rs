@@ -63,8 +63,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use io_uring::{IoUring, opcode, squeue, types};
+use io_uring::{IoUring, Probe, opcode, squeue, types};
 
+use nix::sys::resource::{Resource, getrlimit};
 use plumbing::{Reserve, set_fd_limit};
 use uring_conn::{Connection, Io, Progress, Step};
 
@@ -93,7 +94,8 @@ fn main() -> anyhow::Result<()> {
         .set_nonblocking(true)
         .context("cannot make the listener non-blocking")?;
     let mut reserve = Reserve::open()?;
-    let mut ring = Ring::new(args.entries)?;
+    let (fds, _) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    let mut ring = Ring::new(args.entries, completion_entries(args.entries, fds))?;
     announce(&listener)?;
     // ANCHOR_END: setup
 
@@ -105,13 +107,15 @@ fn main() -> anyhow::Result<()> {
     let mut table = Table::default();
     let mut timers = Timers::default();
     let mut listening = Listening::Accept;
-    ring.push(&listening.entry(&listener));
+    ring.push(&listening.entry(&listener))?;
     loop {
         // ANCHOR: wait
-        timers.arm(Instant::now(), &mut ring);
-        // One system call: submit everything queued since the last, and wait for one result.
+        timers.arm(Instant::now(), &mut ring)?;
+        // One system call: submit everything queued since the last, and wait for one result;
+        // or for none, if completions were taken out early (the backlog) and wait for us.
         // A signal cuts the wait short (EINTR); a full completion ring (EBUSY) is emptied below.
-        match ring.uring.submit_and_wait(1) {
+        let want = usize::from(ring.backlog.is_empty());
+        match ring.uring.submit_and_wait(want) {
             Ok(_) => {}
             Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
             Err(err) => return Err(err).context("io_uring_enter"),
@@ -119,17 +123,23 @@ fn main() -> anyhow::Result<()> {
         // ANCHOR_END: wait
         let now = Instant::now();
         let mut due = Vec::new();
-        // The completions, read from the shared ring without a system call. Copied out first:
-        // handling them pushes new submissions on the same ring.
-        let done: Vec<(u64, i32)> = ring
-            .uring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
+        // The completions: the backlog first, then those in the shared ring, read without a
+        // system call. Copied out first: handling them pushes new submissions on the same ring.
+        let mut done = std::mem::take(&mut ring.backlog);
+        done.extend(ring.reap());
+        ring.count_lost();
         for (user_data, result) in done {
             let tag = Tag::decode(user_data);
             match tag.op {
                 Op::Accept => {
+                    if matches!(-result, libc::EMFILE | libc::ENFILE) {
+                        // Out of descriptors. Connections closed earlier in this round have
+                        // their `close` queued, not done: the descriptors they hold are not
+                        // free yet. Hand the queue to the kernel first (a socket's `close`
+                        // runs at once, inside the call), so that the reserve's `accept`
+                        // below finds them free and serves the client instead of a 503.
+                        ring.submit().context("io_uring_enter")?;
+                    }
                     listening = match accepted(result, &listener, &mut reserve) {
                         Ok((stream, peer)) => {
                             // Due at once: its request has often arrived with it.
@@ -139,16 +149,16 @@ fn main() -> anyhow::Result<()> {
                         Err(Refused::OutOfFds) => Listening::Poll,
                         Err(Refused::Other) => Listening::Accept,
                     };
-                    ring.push(&listening.entry(&listener));
+                    ring.push(&listening.entry(&listener))?;
                 }
                 Op::Listen => {
                     // A client waits, and we were out of descriptors: try `accept` again.
                     listening = Listening::Accept;
-                    ring.push(&listening.entry(&listener));
+                    ring.push(&listening.entry(&listener))?;
                 }
                 Op::Timer => timers.fired(tag.generation),
                 Op::Recv | Op::Send => {
-                    complete(tag, outcome(result), &mut table, &mut ring, &mut due)
+                    complete(tag, outcome(result), &mut table, &mut ring, &mut due)?
                 }
                 Op::Cancel | Op::Close | Op::Unknown => {} // nothing waits on these
             }
@@ -158,41 +168,55 @@ fn main() -> anyhow::Result<()> {
         due.sort_unstable();
         due.dedup();
         for fd in due {
-            serve(fd, now, &mut table, &mut ring, &mut timers);
+            serve(fd, now, &mut table, &mut ring, &mut timers)?;
         }
     }
     // ANCHOR_END: event_loop
 }
 
 // ANCHOR: complete
-/// The `recv` or `send` of connection `tag.fd` has completed: its buffer is ours again.
+/// The `recv` or `send` of connection `tag.fd` has completed: its buffer is ours again. An
+/// error is the ring's (see `close`), and ends the server.
 fn complete(
     tag: Tag,
     result: io::Result<usize>,
     table: &mut Table,
     ring: &mut Ring,
     due: &mut Vec<RawFd>,
-) {
-    let Some(slot) = table.get_mut(tag.fd) else {
-        return; // never: a connection stays until its operation completes
+) -> io::Result<()> {
+    // Never absent, never of another generation: a connection stays in the table until its
+    // operation completes, so the slot at `tag.fd` is still the one that submitted it. Checked
+    // in debug builds; a release build ignores a stray completion rather than crash.
+    let found = table
+        .get_mut(tag.fd)
+        .filter(|slot| slot.generation == tag.generation);
+    debug_assert!(found.is_some(), "a completion for no connection: {tag:?}");
+    let Some(slot) = found else {
+        return Ok(());
     };
-    if slot.generation != tag.generation {
-        return; // never either: that was another connection on the same number
-    }
     let step = slot.conn.completed(result);
     match step {
         Step::Stop(Progress::Closed(why)) => close(tag.fd, why, table, ring),
-        Step::Again | Step::Stop(_) => due.push(tag.fd),
+        Step::Again | Step::Stop(_) => {
+            due.push(tag.fd);
+            Ok(())
+        }
     }
 }
 // ANCHOR_END: complete
 
 // ANCHOR: serve
 /// Gives connection `fd` its turn: submits what it asks for next, or closes it; then brings
-/// its deadline up to date.
-fn serve(fd: RawFd, now: Instant, table: &mut Table, ring: &mut Ring, timers: &mut Timers) {
+/// its deadline up to date. An error is the ring's (see `close`), and ends the server.
+fn serve(
+    fd: RawFd,
+    now: Instant,
+    table: &mut Table,
+    ring: &mut Ring,
+    timers: &mut Timers,
+) -> io::Result<()> {
     let Some(slot) = table.get_mut(fd) else {
-        return; // closed earlier in this same turn
+        return Ok(()); // closed earlier in this same turn
     };
     match slot.conn.drive(now) {
         Progress::Submit(io) => {
@@ -212,17 +236,23 @@ fn serve(fd: RawFd, now: Instant, table: &mut Table, ring: &mut Ring, timers: &m
             // SAFETY: the buffer is the connection's own (`inbox` for a `recv`, `output` for a
             // `send`), on the heap, so it does not move when the table does. From now until
             // this operation's completion the connection is `busy`: it neither touches, resizes
-            // nor frees that buffer, and starts no other operation. (EXERCISE: and `close` does
-            // not yet keep it in the table until then: that is the task.)
-            unsafe { ring.push_unchecked(&entry.user_data(tag.encode())) };
+            // nor frees that buffer, and starts no other operation; and the table is never freed
+            // while it is busy, even if the loop ends early (it leaks its connections instead:
+            // see `impl Drop for Table`). (EXERCISE: but `close` does not yet keep it in the
+            // table until its completion: that is the task.)
+            let pushed = unsafe { ring.push_unchecked(&entry.user_data(tag.encode())) };
+            if let Err(err) = pushed {
+                // Not submitted: the kernel never saw the buffer, and nothing is in flight.
+                // The connection cannot go on without its operation: close it.
+                slot.conn.unsubmitted();
+                return close(fd, Some(err), table, ring);
+            }
         }
         Progress::Waiting => {}
-        Progress::Closed(why) => {
-            close(fd, why, table, ring);
-            return;
-        }
+        Progress::Closed(why) => return close(fd, why, table, ring),
     }
     timers.follow(fd, slot);
+    Ok(())
 }
 // ANCHOR_END: serve
 
@@ -231,9 +261,13 @@ fn serve(fd: RawFd, now: Instant, table: &mut Table, ring: &mut Ring, timers: &m
 /// still be using its buffer: ask for it to be cancelled, and close once its completion (of
 /// `ECANCELED`, or of a result that came first) arrives. Otherwise the socket goes to the
 /// kernel with a `close` operation, and the connection, buffers and all, is dropped.
-fn close(fd: RawFd, why: Option<io::Error>, table: &mut Table, ring: &mut Ring) {
+///
+/// An error means the ring takes no more submissions: the cancellation could not be queued, and
+/// the connection would wait for its completion forever. That is not this connection's fault
+/// but the server's: it goes up to `main`, which stops.
+fn close(fd: RawFd, why: Option<io::Error>, table: &mut Table, ring: &mut Ring) -> io::Result<()> {
     let Some(slot) = table.remove(fd) else {
-        return;
+        return Ok(());
     };
     if let Some(err) = why {
         log!("{}: {err}", slot.conn.peer);
@@ -243,8 +277,16 @@ fn close(fd: RawFd, why: Option<io::Error>, table: &mut Table, ring: &mut Ring) 
     // dropped yet. Cancel the operation, keep the connection (closing), and close it when the
     // operation's completion arrives.
     let tag = Tag::new(Op::Close, fd, slot.generation).encode();
-    let close = opcode::Close::new(types::Fd(slot.conn.into_fd())).build();
-    ring.push(&close.user_data(tag));
+    let close = opcode::Close::new(types::Fd(fd)).build();
+    match ring.push(&close.user_data(tag)) {
+        // Queued: the descriptor is the kernel's to close now, not the socket's `Drop`'s.
+        Ok(()) => {
+            slot.conn.into_fd();
+        }
+        // Not queued: the socket's `Drop` closes it, here and now.
+        Err(err) => log!("{fd}: cannot queue its close ({err}); closed directly"),
+    }
+    Ok(())
 }
 // ANCHOR_END: close
 
@@ -278,11 +320,24 @@ impl From<Io> for Op {
 /// 32 to 55. The generation tells two connections apart that had the same descriptor number
 /// one after the other, so that a completion, or a cancellation, is never applied to the
 /// wrong one.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tag {
     op: Op,
     fd: RawFd,
     generation: u32,
+}
+
+/// A generation has 24 bits: that is what is left of the 64 once the operation and the
+/// descriptor have theirs. Every generation we make is counted modulo 2^24 (`& GENERATION_MASK`
+/// after each increment), so the number kept in a slot, or in `Timers`, is exactly the number a
+/// tag brings back. Counting with all 32 bits and keeping 24 in the tag would make the two differ
+/// from the 2^24th connection on, and every completion would then look like a stranger's.
+const GENERATION_BITS: u32 = 24;
+const GENERATION_MASK: u32 = (1 << GENERATION_BITS) - 1;
+
+/// The next generation after `generation`, modulo 2^24: 0xff_ffff is followed by 0.
+fn next_generation(generation: u32) -> u32 {
+    generation.wrapping_add(1) & GENERATION_MASK
 }
 
 const OPS: [Op; 7] = [
@@ -305,7 +360,8 @@ impl Tag {
             .iter()
             .position(|&op| op == self.op)
             .unwrap_or(OPS.len()) as u64;
-        let generation = u64::from(self.generation & 0xff_ffff);
+        debug_assert_eq!(self.generation, self.generation & GENERATION_MASK);
+        let generation = u64::from(self.generation & GENERATION_MASK);
         (op << 56) | (generation << 32) | u64::from(self.fd as u32)
     }
 
@@ -314,7 +370,7 @@ impl Tag {
         Tag {
             op: OPS.get(op).copied().unwrap_or(Op::Unknown),
             fd: user_data as u32 as RawFd,
-            generation: ((user_data >> 32) & 0xff_ffff) as u32,
+            generation: (user_data >> 32) as u32 & GENERATION_MASK,
         }
     }
 }
@@ -329,49 +385,172 @@ fn outcome(result: i32) -> io::Result<usize> {
 /// The submission and completion queues, and what it takes to fill the first.
 struct Ring {
     uring: IoUring,
+    /// Completions taken out of the completion ring early, to make room for the kernel's (see
+    /// `Ring::submit`), and not yet handled: the loop takes them first, with the others.
+    backlog: Vec<(u64, i32)>,
+    /// Completions the kernel has dropped so far, for want of room (see `Ring::count_lost`).
+    lost: u32,
 }
 
 impl Ring {
-    /// Sets up the rings with room for `entries` submissions at a time (the completion ring
-    /// gets twice that). A kernel that refuses (too old: `ENOSYS`; `io_uring` turned off by the
-    /// sysctl `kernel.io_uring_disabled` or blocked by a seccomp filter, as container runtimes
-    /// do: `EPERM`) ends the server here, with one line that says so.
-    fn new(entries: u32) -> anyhow::Result<Ring> {
-        match IoUring::new(entries) {
-            Ok(uring) => Ok(Ring { uring }),
-            Err(err) => Err(anyhow::anyhow!(
-                "this kernel refuses io_uring (io_uring_setup: {err}); see \
-                 /proc/sys/kernel/io_uring_disabled, or the seccomp profile of this container"
-            )),
+    /// Sets up the rings with room for `entries` submissions at a time and `cq_entries`
+    /// completions (see `completion_entries`), and makes sure the kernel can do every operation
+    /// we will submit. A
+    /// kernel that refuses (too old: `ENOSYS`; `io_uring` turned off by the sysctl
+    /// `kernel.io_uring_disabled` or blocked by a seccomp filter, as container runtimes do:
+    /// `EPERM`), or that lacks an operation, ends the server here, with one line that says so.
+    fn new(entries: u32, cq_entries: u32) -> anyhow::Result<Ring> {
+        let uring = match IoUring::builder().setup_cqsize(cq_entries).build(entries) {
+            Ok(uring) => uring,
+            Err(err) => {
+                return Err(anyhow::anyhow!(
+                    "this kernel refuses io_uring (io_uring_setup: {err}); see \
+                     /proc/sys/kernel/io_uring_disabled, or the seccomp profile of this container"
+                ));
+            }
+        };
+        // A ring is no promise that every operation is there: each came with its own kernel
+        // release, and an unknown one fails only when its completion comes back (`EINVAL`),
+        // long after start-up. So ask now. The probe (`IORING_REGISTER_PROBE`, Linux 5.6)
+        // lists the opcodes this kernel knows; a kernel without the probe is too old anyway.
+        let mut probe = Probe::new();
+        if let Err(err) = uring.submitter().register_probe(&mut probe) {
+            return Err(anyhow::anyhow!(
+                "this kernel refuses io_uring (io_uring_register IORING_REGISTER_PROBE: {err}); \
+                 step 10 needs Linux 5.6 or later, and io_uring_register allowed by seccomp"
+            ));
         }
+        if let Some(name) = missing(|code| probe.is_supported(code)) {
+            return Err(anyhow::anyhow!(
+                "this kernel refuses io_uring's {name}, which step 10 submits; it needs Linux \
+                 5.6 or later"
+            ));
+        }
+        Ok(Ring {
+            uring,
+            backlog: Vec::new(),
+            lost: 0,
+        })
     }
 
     /// Queues an operation that lends the kernel no memory of ours (accept, poll, cancel,
     /// close, timeout).
-    fn push(&mut self, entry: &squeue::Entry) {
+    fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
         // SAFETY: these operations lend the kernel no memory of ours beyond their submission:
         // a timeout's `timespec` is read when the entry is submitted, and it lives in
         // `Timers`, which outlives the loop.
         unsafe { self.push_unchecked(entry) }
     }
 
-    /// Queues an operation; when the submission ring is full, hands it to the kernel first.
+    /// Queues an operation; when the submission ring is full, hands its entries to the kernel
+    /// first, which empties it. If the ring is still full after that, or the kernel refuses the
+    /// entries, the operation is not queued, and the error says why: trying again would only
+    /// spin.
     ///
     /// # Safety
     /// Whatever memory `entry` points to must stay valid and untouched until its completion.
-    unsafe fn push_unchecked(&mut self, entry: &squeue::Entry) {
-        loop {
+    unsafe fn push_unchecked(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        for _ in 0..2 {
             // SAFETY: passed on to the caller.
             if unsafe { self.uring.submission().push(entry) }.is_ok() {
-                return;
+                return Ok(());
             }
-            if let Err(err) = self.uring.submit() {
-                log!("io_uring_enter: {err}");
+            self.submit()?;
+        }
+        Err(io::Error::other("the submission ring stays full"))
+    }
+
+    /// Hands the kernel every entry queued, without waiting for any completion.
+    ///
+    /// The kernel may refuse with `EBUSY`: older kernels do when the completion ring has
+    /// overflowed (more completions than it has room for, the surplus held in a list inside the
+    /// kernel), until we read some and make room. Waiting cannot make room, and the loop cannot
+    /// read them now: we are in the middle of its work. So the completions are taken out of
+    /// the ring here, into the backlog that the loop handles next, and the kernel is asked
+    /// again; it then moves its surplus into the room made, and takes our entries. Only if the
+    /// ring was already empty is `EBUSY` returned: nothing we can do would make room.
+    fn submit(&mut self) -> io::Result<()> {
+        loop {
+            match self.uring.submit() {
+                Ok(_) => return Ok(()),
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => {} // a signal: again
+                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                    let before = self.backlog.len();
+                    let reaped: Vec<(u64, i32)> = self.reap().collect();
+                    self.backlog.extend(reaped);
+                    if self.backlog.len() == before {
+                        return Err(err);
+                    }
+                }
+                Err(err) => return Err(err),
             }
         }
     }
+
+    /// Logs the completions the kernel has dropped since the last call. A kernel keeps the
+    /// completions that find the ring full in a list of its own (`IORING_FEAT_NODROP`, since
+    /// 5.5) and drops one only when it cannot even allocate that; older kernels drop them at
+    /// once. Either way it counts them, in the ring's `overflow` counter. A dropped completion
+    /// is a connection that waits forever, its buffer lent: worth a line in the log.
+    fn count_lost(&mut self) {
+        let lost = self.uring.completion().overflow();
+        if lost != self.lost {
+            log!(
+                "io_uring: the completion ring overflowed, {} completions lost",
+                lost.wrapping_sub(self.lost)
+            );
+            self.lost = lost;
+        }
+    }
+
+    /// Takes every completion in the completion ring: its tag and its result.
+    fn reap(&mut self) -> impl Iterator<Item = (u64, i32)> + '_ {
+        self.uring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+    }
 }
 // ANCHOR_END: ring
+
+/// The most completion entries a ring may have: the kernel's `IORING_MAX_CQ_ENTRIES`.
+const MAX_CQ_ENTRIES: u32 = 65_536;
+
+/// Room in the completion ring, for a submission ring of `entries` and a limit of `fds` open
+/// descriptors.
+///
+/// Every connection keeps one operation in flight, so there may be as many completions pending
+/// as descriptors open, plus the listener's, the timeout and the cancellations: all of them can
+/// come back in the same round, when every client sends at once. The kernel's default, twice
+/// the submission ring, is 512 here; past that, completions no longer fit, and the kernel must
+/// hold them in a list of its own (costing it memory, and on older kernels refusing our
+/// submissions, `EBUSY`, until we make room) or drop them. So the ring gets one entry per
+/// descriptor we may open, and 64 to spare; never fewer than twice the submission ring, and
+/// never more than the kernel allows. A completion entry is 16 bytes: 65,536 of them are 1 MiB.
+fn completion_entries(entries: u32, fds: u64) -> u32 {
+    let wanted = fds.saturating_add(64).min(u64::from(MAX_CQ_ENTRIES));
+    u32::try_from(wanted)
+        .unwrap_or(MAX_CQ_ENTRIES)
+        .max(entries.saturating_mul(2))
+}
+
+/// Every operation this step submits, by the name the kernel's header gives it.
+const NEEDED: [(&str, u8); 7] = [
+    ("IORING_OP_ACCEPT", opcode::Accept::CODE),
+    ("IORING_OP_RECV", opcode::Recv::CODE),
+    ("IORING_OP_SEND", opcode::Send::CODE),
+    ("IORING_OP_CLOSE", opcode::Close::CODE),
+    ("IORING_OP_ASYNC_CANCEL", opcode::AsyncCancel::CODE),
+    ("IORING_OP_TIMEOUT", opcode::Timeout::CODE),
+    ("IORING_OP_POLL_ADD", opcode::PollAdd::CODE),
+];
+
+/// The first operation we need that `supported` says the kernel lacks, if any.
+fn missing(supported: impl Fn(u8) -> bool) -> Option<&'static str> {
+    NEEDED
+        .iter()
+        .find(|&&(_, code)| !supported(code))
+        .map(|&(name, _)| name)
+}
 
 // ANCHOR: accept
 /// What the listener has in flight: an `accept`, or, while we are out of descriptors, a `poll`
@@ -457,6 +636,7 @@ struct Table {
     slots: Vec<Option<Slot>>,
     /// How many slots hold a connection: counted, never found by a scan.
     live: usize,
+    /// The last generation given, modulo 2^24 like every generation (see `GENERATION_BITS`).
     generations: u32,
 }
 
@@ -470,7 +650,7 @@ impl Table {
         if self.slots.len() <= at {
             self.slots.resize_with(at + 1, || None);
         }
-        self.generations = self.generations.wrapping_add(1);
+        self.generations = next_generation(self.generations);
         self.live += 1;
         self.slots[at] = Some(Slot {
             conn,
@@ -496,6 +676,27 @@ impl Table {
         slot
     }
 }
+
+/// The table is dropped when `main` returns: after an error, or while a panic unwinds. The ring
+/// may still hold operations of ours then, each with a pointer to a connection's buffer, and
+/// the kernel does not stop them because our loop stopped: a `recv` still writes into its
+/// `inbox` when the client's bytes arrive. (Closing the ring cancels them, but not at once:
+/// the kernel tears a ring down in the background, and the ring is dropped after the table in
+/// any case, being declared before it.) So if any operation may be in flight, the connections
+/// are leaked, not freed: memory that is never given back can never be given to someone else
+/// while the kernel writes into it. The process is ending; the leak lasts until it does.
+impl Drop for Table {
+    fn drop(&mut self) {
+        let lent = self
+            .slots
+            .iter()
+            .flatten()
+            .any(|slot| slot.conn.busy().is_some());
+        if lent {
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
+    }
+}
 // ANCHOR_END: table
 
 // ANCHOR: timers
@@ -510,7 +711,8 @@ impl Table {
 #[derive(Default)]
 struct Timers {
     heap: BinaryHeap<Reverse<(Instant, RawFd, u32)>>,
-    /// The timeout in flight: when it fires, and its number (the generation of its tag).
+    /// The timeout in flight: when it fires, and its number (the generation of its tag, so
+    /// counted modulo 2^24 too).
     armed: Option<(Instant, u32)>,
     count: u32,
     /// How long the last timeout submitted waits. The kernel reads it when the entry is
@@ -520,26 +722,23 @@ struct Timers {
 
 impl Timers {
     /// Makes sure a timeout is in flight for the earliest deadline.
-    fn arm(&mut self, now: Instant, ring: &mut Ring) {
+    fn arm(&mut self, now: Instant, ring: &mut Ring) -> io::Result<()> {
         let Some(&Reverse((at, _, _))) = self.heap.peek() else {
-            return;
+            return Ok(());
         };
         if self.armed.is_some_and(|(armed, _)| armed <= at) {
-            return;
+            return Ok(());
         }
-        self.count = self.count.wrapping_add(1);
+        self.count = next_generation(self.count);
         self.armed = Some((at, self.count));
         self.timespec = types::Timespec::from(at.saturating_duration_since(now));
         let timeout = opcode::Timeout::new(&self.timespec).build();
-        ring.push(&timeout.user_data(Tag::new(Op::Timer, 0, self.count).encode()));
+        ring.push(&timeout.user_data(Tag::new(Op::Timer, 0, self.count).encode()))
     }
 
     /// A timeout has fired (or been cut short): if it was the one in flight, none is now.
     fn fired(&mut self, number: u32) {
-        if self
-            .armed
-            .is_some_and(|(_, armed)| armed & 0xff_ffff == number)
-        {
+        if self.armed.is_some_and(|(_, armed)| armed == number) {
             self.armed = None;
         }
     }
@@ -606,7 +805,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     max_fds: Option<u64>,
     // ANCHOR: flags
-    /// Room in the submission ring, rounded up to a power of two; the completion ring gets twice
+    /// Room in the submission ring, rounded up to a power of two (the completion ring gets one
+    /// entry per descriptor allowed, see --max-fds)
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(2..=4096))]
     entries: u32,
@@ -628,4 +828,198 @@ fn announce(listener: &TcpListener) -> anyhow::Result<()> {
     );
     log!("watch: lsof -p {pid}   strace -c -f -p {pid}   grep VmRSS /proc/{pid}/status");
     Ok(())
+}
+
+/// For the tests: an allocator that says whether one address, the one it watches, was freed.
+#[cfg(test)]
+mod watch {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    static WATCHED: AtomicUsize = AtomicUsize::new(0);
+    static FREED: AtomicBool = AtomicBool::new(false);
+
+    /// The system's allocator, watching one address.
+    pub struct Watch;
+
+    // SAFETY: every call is passed on to the system's allocator unchanged; `dealloc` only
+    // compares the address first.
+    unsafe impl GlobalAlloc for Watch {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            // SAFETY: the caller's promises about `layout` are passed on.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if ptr as usize == WATCHED.load(Ordering::SeqCst) {
+                FREED.store(true, Ordering::SeqCst);
+            }
+            // SAFETY: `ptr` came from `alloc` above, so from `System`, with this `layout`.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Watch = Watch;
+
+    /// Watches `ptr` from now on.
+    pub fn watch(ptr: *const u8) {
+        FREED.store(false, Ordering::SeqCst);
+        WATCHED.store(ptr as usize, Ordering::SeqCst);
+    }
+
+    /// Whether the address watched has been freed since `watch`.
+    pub fn freed() -> bool {
+        FREED.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection to ourselves, as the table holds them.
+    fn connection(listener: &TcpListener) -> Connection {
+        let stream =
+            TcpStream::connect(listener.local_addr().expect("an address")).expect("connect");
+        let peer = stream.peer_addr().expect("a peer");
+        Connection::new(stream, peer, Instant::now(), Duration::from_secs(10))
+    }
+
+    #[test]
+    fn a_ring_that_refuses_entries_is_an_error_not_a_spin() {
+        // A ring created disabled (`IORING_SETUP_R_DISABLED`): `io_uring_enter` refuses it
+        // (`EBADFD`) until it is enabled, and here it never is. A persistent error, then: the
+        // third push into two entries must fail, not try again forever.
+        let uring = IoUring::builder()
+            .setup_r_disabled()
+            .build(2)
+            .expect("a ring");
+        let (tell, told) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut ring = Ring {
+                uring,
+                backlog: Vec::new(),
+                lost: 0,
+            };
+            let nop = opcode::Nop::new().build();
+            let pushed: Vec<Option<i32>> = (0..3)
+                .map(|_| {
+                    ring.push(&nop)
+                        .err()
+                        .map(|err| err.raw_os_error().unwrap_or(0))
+                })
+                .collect();
+            let _ = tell.send(pushed);
+        });
+        let pushed = told.recv_timeout(Duration::from_secs(5)).expect(
+            "pushing into a full ring that the kernel refuses still runs after 5 s: it spins",
+        );
+        assert_eq!(pushed, [None, None, Some(libc::EBADFD)]);
+    }
+
+    #[test]
+    fn an_overflowing_completion_ring_loses_nothing() {
+        // Two submission entries and four completion entries, and twenty operations pushed
+        // without reading a completion: the ring fills many times over.
+        let mut builder = IoUring::builder();
+        let uring = builder.setup_cqsize(4).build(2).expect("a ring");
+        let mut ring = Ring {
+            uring,
+            backlog: Vec::new(),
+            lost: 0,
+        };
+        for _ in 0..20 {
+            ring.push(&opcode::Nop::new().build()).expect("a push");
+        }
+        ring.submit().expect("a submit");
+        let mut seen = 0;
+        for _ in 0..20 {
+            seen += std::mem::take(&mut ring.backlog).len() + ring.reap().count();
+            if seen >= 20 {
+                break;
+            }
+            // Makes the kernel move what it holds beyond the ring into the room made.
+            ring.uring.submit_and_wait(0).expect("io_uring_enter");
+        }
+        assert_eq!(seen, 20, "completions of 20 operations");
+    }
+
+    #[test]
+    fn a_missing_operation_is_named() {
+        assert_eq!(missing(|_| true), None, "a kernel with every operation");
+        assert_eq!(
+            missing(|code| code != opcode::Recv::CODE),
+            Some("IORING_OP_RECV")
+        );
+        assert_eq!(missing(|_| false), Some("IORING_OP_ACCEPT"));
+        // And this kernel, the one the tests run on, has them all.
+        let ring = Ring::new(2, 4);
+        assert!(ring.is_ok(), "{:?}", ring.err());
+    }
+
+    #[test]
+    fn a_table_never_frees_a_buffer_lent_to_the_kernel() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        // First, a table whose connection lends nothing: dropped, it frees the `inbox`. (This
+        // shows that the watch sees a free.)
+        let mut table = Table::default();
+        let fd = table.insert(connection(&listener));
+        let slot = table.get_mut(fd).expect("the connection");
+        watch::watch(slot.conn.recv_buffer().0);
+        drop(table);
+        assert!(watch::freed(), "an idle table's connections are freed");
+        // Then one whose connection has a `recv` in flight (`drive` says so, and marks it
+        // busy): its `inbox` is the kernel's, and must outlive the table.
+        let mut table = Table::default();
+        let fd = table.insert(connection(&listener));
+        let slot = table.get_mut(fd).expect("the connection");
+        assert!(matches!(
+            slot.conn.drive(Instant::now()),
+            Progress::Submit(Io::Recv)
+        ));
+        watch::watch(slot.conn.recv_buffer().0);
+        drop(table);
+        assert!(
+            !watch::freed(),
+            "a table dropped with a recv in flight freed that recv's buffer"
+        );
+    }
+
+    #[test]
+    fn the_completion_ring_has_room_for_every_descriptor() {
+        assert_eq!(
+            completion_entries(256, 1024),
+            1088,
+            "a descriptor each, and 64"
+        );
+        assert_eq!(
+            completion_entries(256, 100),
+            512,
+            "never under twice the submissions"
+        );
+        assert_eq!(completion_entries(256, 1 << 20), MAX_CQ_ENTRIES);
+        assert_eq!(completion_entries(4096, u64::MAX), MAX_CQ_ENTRIES);
+    }
+
+    #[test]
+    fn generations_wrap_as_tags_do() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        // Two connections before the 24 bits run out, and two after.
+        let mut table = Table::default();
+        table.generations = GENERATION_MASK - 2;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let fd = table.insert(connection(&listener));
+            let slot = table.get_mut(fd).expect("the connection just inserted");
+            let tag = Tag::new(Op::Recv, fd, slot.generation);
+            let back = Tag::decode(tag.encode());
+            assert_eq!(back, tag, "a tag round-trips");
+            assert_eq!(
+                back.generation, slot.generation,
+                "the tag of connection {fd} names its slot's generation"
+            );
+            seen.push(slot.generation);
+        }
+        assert_eq!(seen, [GENERATION_MASK - 1, GENERATION_MASK, 0, 1]);
+    }
 }

@@ -141,9 +141,14 @@ impl Connection {
     }
 
     /// The operation in flight, if any.
-    #[allow(dead_code)] // EXERCISE: `close` should ask
     pub fn busy(&self) -> Option<Io> {
         self.busy
+    }
+
+    /// The operation [`Connection::drive`] asked for could not be submitted after all: nothing
+    /// is in flight, and the buffers are ours.
+    pub fn unsubmitted(&mut self) {
+        self.busy = None;
     }
 
     /// When the loop must drive this connection even if no operation completes.
