@@ -216,6 +216,11 @@ fn resets_on_one_loop_never_disturb_another() {
         // Forty clients that reset mid-answer, on both loops (in turn with the hand-off, by
         // the kernel's hash with reuseport), between the steady reader's reads.
         for i in 0..40 {
+            assert!(
+                server.is_alive(),
+                "--balance {balance}: the server died after {i} resets; stderr:\n{}",
+                server.stderr_tail(10)
+            );
             let mut client = server.connect();
             client.send(b"GET /bytes/8388608 HTTP/1.1\r\nHost: test\r\n\r\n");
             let mut byte = [0];
