@@ -187,7 +187,7 @@ fn listen_reuseport(addr: &str, count: usize) -> anyhow::Result<Vec<TcpListener>
 }
 
 /// One listening socket that others may share its port with: what `TcpListener::bind` does,
-/// with `SO_REUSEPORT` set before the `bind`.
+/// with `SO_REUSEPORT` set before the `bind`, and non-blocking from the start.
 fn listen_shared(addr: SocketAddr) -> nix::Result<TcpListener> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
@@ -199,7 +199,8 @@ fn listen_shared(addr: SocketAddr) -> nix::Result<TcpListener> {
     setsockopt(&socket, sockopt::ReuseAddr, &true)?;
     setsockopt(&socket, sockopt::ReusePort, &true)?;
     bind(socket.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    listen(&socket, Backlog::MAXCONN)?;
+    listen(&socket, Backlog::new(128)?)?; // the queue length std's `bind` asks for
+
     Ok(TcpListener::from(socket))
 }
 // ANCHOR_END: reuseport
