@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 
 /// Every step's row, with its step number: a binary's name, or for step 9, whose one binary
 /// spreads connections in two ways, `step09-` and the `--balance` of the row.
-pub const STEPS: [(u8, &str); 10] = [
+pub const STEPS: [(u8, &str); 12] = [
     (1, "step01-iterative"),
     (2, "step02-fork"),
     (3, "step03-threads"),
@@ -16,8 +16,10 @@ pub const STEPS: [(u8, &str); 10] = [
     (6, "step06-select"),
     (7, "step07-epoll"),
     (7, "step07-mio"),
+    (8, "step08-reactor-pool"),
     (9, "step09-reuseport"),
     (9, "step09-handoff"),
+    (10, "step10-io-uring"),
 ];
 
 /// Step 9's binary, which both of its rows run, each with its own `--balance`.
@@ -69,12 +71,8 @@ impl Row {
 /// The rows for `steps` (all when empty), with their binaries in `bin_dir`, plus nginx.
 pub fn rows(bin_dir: &Path, steps: &[u8], nginx: Option<PathBuf>) -> Result<Vec<Row>> {
     if let Some(unknown) = steps.iter().find(|n| !STEPS.iter().any(|(s, _)| s == *n)) {
-        let mut numbers: Vec<String> = STEPS.iter().map(|(n, _)| n.to_string()).collect();
-        numbers.dedup();
-        bail!(
-            "there is no step {unknown}: the steps are {}",
-            numbers.join(", ")
-        );
+        let last = STEPS.last().map_or(0, |&(number, _)| number);
+        bail!("there is no step {unknown}: the steps are 1 to {last}");
     }
     let mut rows = Vec::new();
     let mut missing = Vec::new();
@@ -334,7 +332,8 @@ mod tests {
             text.contains("step01-iterative, step07-epoll, step07-mio"),
             "{text}"
         );
-        assert!(rows(Path::new("/"), &[8], None).is_err());
+        let err = rows(Path::new("/"), &[11], None).expect_err("no step 11");
+        assert!(err.to_string().contains("there is no step 11"), "{err}");
         // Step 9's two rows run one binary, named once.
         let err = rows(Path::new("/nonexistent"), &[9], None).expect_err("nothing there");
         assert!(

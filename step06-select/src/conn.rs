@@ -8,14 +8,17 @@
 //! `/bytes/N` body still to produce, its deadline, and its phase. That memory is this struct.
 //!
 //! The file is the same in every event-loop step: what changes from step to step is only how
-//! the loop *waits* before it calls [`Connection::drive`] again.
+//! the loop *waits* before it calls [`Connection::drive`] again. One part waits for step 8,
+//! whose loop hands slow requests to worker threads: a connection can then stop at such a
+//! request, give it up as its *job*, and wait (`Phase::Waiting`) until the loop brings the
+//! answer back. Until a loop asks for that ([`Connection::offload_slow_work`]), it never happens.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::http::{self, Parse, Response, Route};
+use crate::http::{self, Parse, Request, Response, Route};
 
 // ANCHOR: limits
 /// The most bytes one `read` takes. A head is at most 8 KiB, so this holds a whole one.
@@ -43,6 +46,10 @@ pub enum Phase {
     /// After an error, our side is shut: reading and throwing away what the client still
     /// sends, for a bounded time and count, so that the close sends FIN and not RST.
     Lingering,
+    /// A slow request is out with a worker (step 8 only): nothing is read or written
+    /// meanwhile, so requests pipelined behind it wait their turn, and no deadline ends it:
+    /// the worker's answer does ([`Connection::finish`]).
+    Waiting,
 }
 
 /// What to do once the answer being written is all out.
@@ -79,6 +86,10 @@ pub struct Connection {
     /// Writing: bytes of the answer written so far. Lingering: bytes thrown away.
     count: u64,
     timeout: Duration,
+    /// Whether slow requests are handed out rather than answered here (step 8).
+    offload: bool,
+    /// Waiting: the slow request, until the loop takes it to hand it to a worker.
+    job: Option<Request>,
 }
 // ANCHOR_END: connection
 
@@ -127,21 +138,64 @@ impl Connection {
             started: now,
             count: 0,
             timeout,
+            offload: false,
+            job: None,
         }
     }
 
     /// The phase, which says what the connection waits for: readable in `Reading` and
-    /// `Lingering`, writable in `Writing`.
+    /// `Lingering`, writable in `Writing`, nothing from its socket in `Waiting`.
     #[allow(dead_code)] // a loop that never waits (step 5) has no use for it
     pub fn wants(&self) -> Phase {
         self.phase
     }
 
-    /// When the loop must drive this connection even if its socket stays quiet.
+    /// When the loop must drive this connection even if its socket stays quiet. (`Waiting`
+    /// has no deadline: what this says then is stale, and the loop ignores it.)
     #[allow(dead_code)] // likewise
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
+
+    // ANCHOR: offload
+    /// From now on, a slow request (`/sleep/MS`) is not answered on the loop's thread, where it
+    /// would stall every other client: `drive` stops at it, keeps it as the connection's job,
+    /// and turns to `Waiting`. The loop then takes the job ([`Connection::take_job`]), has it
+    /// done elsewhere, and hands the answer back ([`Connection::finish`]).
+    #[allow(dead_code)] // only step 8's loop has anyone to hand work to
+    pub fn offload_slow_work(&mut self) {
+        self.offload = true;
+    }
+
+    /// Waiting: the request to hand out, once (the connection keeps waiting without it).
+    #[allow(dead_code)] // likewise
+    pub fn take_job(&mut self) -> Option<Request> {
+        self.job.take()
+    }
+
+    /// Waiting: the job's answer is back. It is queued as `read_request` would have queued it,
+    /// and the connection turns to writing; the loop then drives it. A connection that is not
+    /// waiting ignores it (the loop checks that an answer is this connection's, not that of an
+    /// earlier one with the same descriptor number; this is a second guard).
+    #[allow(dead_code)] // likewise
+    pub fn finish(&mut self, response: Response, now: Instant) {
+        if self.phase == Phase::Waiting {
+            let after = self.after(&response, false);
+            self.start_answer(response, after, now);
+        }
+    }
+
+    /// Waiting: nobody can take the job (every worker busy, the queue full): answer `503` at
+    /// once, and close politely, since the client may have sent more behind it.
+    #[allow(dead_code)] // likewise
+    pub fn refuse(&mut self, why: &str, now: Instant) {
+        if self.phase == Phase::Waiting {
+            self.job = None;
+            let response = http::reject(http::Status::ServiceUnavailable, why);
+            self.start_answer(response, After::Linger, now);
+        }
+    }
+    // ANCHOR_END: offload
 
     // ANCHOR: drive
     /// Does everything that can be done now without waiting: reads, answers, writes, until the
@@ -153,6 +207,8 @@ impl Connection {
                 Phase::Reading => self.read_request(now, &mut seen),
                 Phase::Writing => self.write_answer(now, &mut seen),
                 Phase::Lingering => self.linger(now, &mut seen),
+                // Nothing to do until the loop hands the answer back.
+                Phase::Waiting => Step::Stop(Progress::Blocked),
             };
             if let Step::Stop(progress) = step {
                 return progress;
@@ -168,16 +224,15 @@ impl Connection {
         match http::parse(&self.received) {
             Parse::Complete { len, request } => {
                 self.received.drain(..len);
+                if self.offload && matches!(request.route, Route::Sleep(_)) {
+                    // Slow work, to be done elsewhere (step 8). Nothing more is read or parsed
+                    // meanwhile, so the answers go out in the order the requests came.
+                    self.job = Some(request);
+                    self.phase = Phase::Waiting;
+                    return Step::Stop(Progress::Blocked);
+                }
                 let response = http::respond(&request);
-                // An error answer closes, politely, since a refused body may still be coming;
-                // so does any close with pipelined bytes still unanswered behind it.
-                let after = if response.keep_alive {
-                    After::KeepAlive
-                } else if matches!(request.route, Route::Error(..)) || !self.received.is_empty() {
-                    After::Linger
-                } else {
-                    After::Close
-                };
+                let after = self.after(&response, matches!(request.route, Route::Error(..)));
                 return self.start_answer(response, after, now);
             }
             Parse::Invalid(status, why) => {
@@ -188,16 +243,22 @@ impl Connection {
         if now >= self.deadline {
             return Step::Stop(Progress::Closed(None)); // no whole head in time: close
         }
+        // End-of-file here means the client has closed its side, and what we hold is not a
+        // whole request.
+        self.read_some(seen, |conn, bytes| conn.received.extend_from_slice(bytes))
+    }
+
+    /// Reads once, and hands what came to `keep`; unless the last read of this turn emptied the
+    /// receive buffer already. A read of 0 bytes is end-of-file: the client has closed its side.
+    fn read_some(&mut self, seen: &mut Seen, keep: fn(&mut Self, &[u8])) -> Step {
         if seen.drained {
             return Step::Stop(Progress::Blocked);
         }
         let mut chunk = [0; READ_CHUNK];
         match self.stream.read(&mut chunk) {
-            // A read of 0 bytes is end-of-file: the client has closed its side, and what we
-            // hold is not a whole request.
             Ok(0) => Step::Stop(Progress::Closed(None)),
             Ok(n) => {
-                self.received.extend_from_slice(&chunk[..n]);
+                keep(self, &chunk[..n]);
                 seen.drained = n < chunk.len();
                 Step::Again
             }
@@ -207,6 +268,19 @@ impl Connection {
     // ANCHOR_END: read_request
 
     // ANCHOR: start_answer
+    /// How the connection goes on after `response`. An error answer closes, politely, since a
+    /// refused body may still be coming; so does any close with pipelined bytes still
+    /// unanswered behind it.
+    fn after(&self, response: &Response, error: bool) -> After {
+        if response.keep_alive {
+            After::KeepAlive
+        } else if error || !self.received.is_empty() {
+            After::Linger
+        } else {
+            After::Close
+        }
+    }
+
     /// Queues an answer and turns to writing it; its write rate is first judged one window of
     /// `--timeout-secs` from now.
     fn start_answer(&mut self, response: Response, after: After, now: Instant) -> Step {
@@ -305,19 +379,7 @@ impl Connection {
         if now >= self.deadline || self.count >= LINGER_BYTES as u64 {
             return Step::Stop(Progress::Closed(None));
         }
-        if seen.drained {
-            return Step::Stop(Progress::Blocked);
-        }
-        let mut chunk = [0; READ_CHUNK];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => Step::Stop(Progress::Closed(None)),
-            Ok(n) => {
-                self.count += n as u64;
-                seen.drained = n < chunk.len();
-                Step::Again
-            }
-            Err(err) => Self::failed(err),
-        }
+        self.read_some(seen, |conn, bytes| conn.count += bytes.len() as u64)
     }
     // ANCHOR_END: linger
 

@@ -218,6 +218,7 @@ impl Mode {
         match phase {
             Phase::Writing => EpollFlags::EPOLLOUT,
             Phase::Reading | Phase::Lingering => EpollFlags::EPOLLIN,
+            Phase::Waiting => EpollFlags::empty(), // step 8's: a worker has its request
         }
     }
 }

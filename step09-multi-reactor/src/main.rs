@@ -497,6 +497,7 @@ impl Mode {
         match phase {
             Phase::Writing => EpollFlags::EPOLLOUT,
             Phase::Reading | Phase::Lingering => EpollFlags::EPOLLIN,
+            Phase::Waiting => EpollFlags::empty(), // step 8's: a worker has its request
         }
     }
 }

@@ -98,6 +98,7 @@ fn main() -> anyhow::Result<()> {
                 match conn.wants() {
                     Phase::Writing => writable.insert(conn.stream.as_fd()),
                     Phase::Reading | Phase::Lingering => readable.insert(conn.stream.as_fd()),
+                    Phase::Waiting => {} // step 8's: a worker has its request
                 }
             }
             let mut sleep = sleep_until(&connections, &again);
