@@ -48,7 +48,8 @@ struct Args {
     #[command(subcommand)]
     command: Option<Commands>,
 
-    /// The steps to run, such as `1,4,7` (7 is both step07-epoll and step07-mio). Default: all.
+    /// The steps to run, such as `1,4,7` (7 is both step07-epoll and step07-mio; 9 is step 9 with
+    /// each --balance). Default: all.
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     steps: Vec<u8>,
 

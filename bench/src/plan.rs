@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-/// Every step's binary, with its step number.
-pub const STEPS: [(u8, &str); 10] = [
+/// Every step's row, with its step number: a binary's name, or for step 9, whose one binary
+/// spreads connections in two ways, `step09-` and the `--balance` of the row.
+pub const STEPS: [(u8, &str); 12] = [
     (1, "step01-iterative"),
     (2, "step02-fork"),
     (3, "step03-threads"),
@@ -16,8 +17,21 @@ pub const STEPS: [(u8, &str); 10] = [
     (7, "step07-epoll"),
     (7, "step07-mio"),
     (8, "step08-reactor-pool"),
+    (9, "step09-reuseport"),
+    (9, "step09-handoff"),
     (10, "step10-io-uring"),
 ];
+
+/// Step 9's binary, which both of its rows run, each with its own `--balance`.
+const MULTI_REACTOR: &str = "step09-multi-reactor";
+
+/// The binary a row runs, and the `--balance` it gives it (step 9 only).
+fn binary(row: &str) -> (&str, Option<&str>) {
+    match row.strip_prefix("step09-") {
+        Some(balance) => (MULTI_REACTOR, Some(balance)),
+        None => (row, None),
+    }
+}
 
 /// The most idle connections `step06-select` is given: `select` cannot watch a descriptor
 /// numbered 1024 (`FD_SETSIZE`) or more, and the server's own descriptors come first.
@@ -66,9 +80,9 @@ pub fn rows(bin_dir: &Path, steps: &[u8], nginx: Option<PathBuf>) -> Result<Vec<
         if !steps.is_empty() && !steps.contains(&number) {
             continue;
         }
-        let bin = bin_dir.join(name);
-        if !bin.is_file() {
-            missing.push(name);
+        let bin = bin_dir.join(binary(name).0);
+        if !bin.is_file() && !missing.contains(&binary(name).0) {
+            missing.push(binary(name).0);
         }
         rows.push(Row {
             name: name.to_string(),
@@ -190,6 +204,9 @@ pub fn setup(row: &Row, load: Load) -> Setup {
     if row.step().is_some() {
         args.extend(["--timeout-secs".to_string(), SERVER_TIMEOUT.to_string()]);
     }
+    if let (_, Some(balance)) = binary(&row.name) {
+        args.extend(["--balance".to_string(), balance.to_string()]);
+    }
     let idle = match load {
         Load::Idle(n) => n,
         _ => 0,
@@ -296,6 +313,14 @@ mod tests {
             note: None,
         };
         assert_eq!(plain, expected);
+        let handoff = Row {
+            name: "step09-handoff".into(),
+            ..row(9)
+        };
+        let Setup::Run { args, .. } = setup(&handoff, Load::KeepAlive(10)) else {
+            panic!("step 9 takes every load");
+        };
+        assert_eq!(args[2..], ["--balance", "handoff"]);
     }
 
     #[test]
@@ -309,6 +334,13 @@ mod tests {
         );
         let err = rows(Path::new("/"), &[11], None).expect_err("no step 11");
         assert!(err.to_string().contains("there is no step 11"), "{err}");
+        // Step 9's two rows run one binary, named once.
+        let err = rows(Path::new("/nonexistent"), &[9], None).expect_err("nothing there");
+        assert!(
+            err.to_string()
+                .contains("binaries step09-multi-reactor are not"),
+            "{err}"
+        );
     }
 
     #[test]

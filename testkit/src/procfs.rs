@@ -28,6 +28,28 @@ pub fn lowest_free_fd(pid: i32) -> i32 {
         .expect("some number is free")
 }
 
+/// The soft limit on open descriptors that leaves `pid` exactly `room` free numbers below it:
+/// counting up from the lowest free number, and past any open one on the way (a descriptor
+/// inherited from the parent, such as 10, takes one of the numbers below a limit).
+pub fn limit_leaving_room(pid: i32, room: u64) -> u64 {
+    limit_leaving(&fds(pid), room)
+}
+
+/// The limit that leaves `room` numbers free below it, with descriptors `open` already open:
+/// the number of the free slot after the first `room` free ones.
+fn limit_leaving(open: &[i32], room: u64) -> u64 {
+    let mut free = 0;
+    for number in 0_i32.. {
+        if !open.contains(&number) {
+            if free == room {
+                return u64::try_from(number).expect("counted up from 0");
+            }
+            free += 1;
+        }
+    }
+    unreachable!("a process has fewer than 2^31 descriptors open")
+}
+
 /// The soft and hard limits on open descriptors (`RLIMIT_NOFILE`), from `/proc/PID/limits`.
 pub fn fd_limits(pid: i32) -> (u64, u64) {
     let path = format!("/proc/{pid}/limits");
@@ -101,8 +123,12 @@ pub fn tracer(pid: i32) -> i32 {
 
 /// The value after `name` in `/proc/PID/status`, trimmed.
 fn status_field(pid: i32, name: &str) -> String {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {path}: {err}"));
+    field_of(&format!("/proc/{pid}/status"), name)
+}
+
+/// The value after `name` in the `status` file at `path`, trimmed.
+fn field_of(path: &str, name: &str) -> String {
+    let status = fs::read_to_string(path).unwrap_or_else(|err| panic!("reading {path}: {err}"));
     status
         .lines()
         .find_map(|line| line.strip_prefix(name))
@@ -184,6 +210,48 @@ pub fn cpu_time(pid: i32) -> Duration {
     Duration::from_secs_f64(ticks as f64 / per_second as f64)
 }
 
+/// The threads of `pid`, as (thread id, name): the entries of `/proc/PID/task`, in order of
+/// thread id (the main thread's id is the pid), each with the name from its `comm` file (what
+/// `ps -L` and `top -H` show: a Rust thread's `Builder::name`, cut to 15 bytes).
+pub fn tasks(pid: i32) -> Vec<(i32, String)> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new(); // the process is gone
+    };
+    let mut tasks: Vec<(i32, String)> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(|tid: i32| {
+            let name = fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            Some((tid, name.trim_end().to_string()))
+        })
+        .collect();
+    tasks.sort_unstable();
+    tasks
+}
+
+/// The time thread `tid` of process `pid` has spent running on a CPU so far, to the
+/// nanosecond: the first field of `/proc/PID/task/TID/schedstat`. (The `utime` and `stime` of
+/// `/proc/PID/task/TID/stat` move in steps of a clock tick, 10 ms, as the kernel samples them:
+/// too coarse to compare threads that each ran for a few dozen milliseconds.)
+pub fn task_cpu_time(pid: i32, tid: i32) -> Duration {
+    let path = format!("/proc/{pid}/task/{tid}/schedstat");
+    let stat = fs::read_to_string(&path).unwrap_or_else(|err| panic!("reading {path}: {err}"));
+    let nanos = stat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .unwrap_or_else(|| panic!("{path} does not start with a number: {stat:?}"));
+    Duration::from_nanos(nanos)
+}
+
+/// The cores thread `tid` of process `pid` may run on, as the kernel lists them:
+/// `Cpus_allowed_list:` in `/proc/PID/task/TID/status`, such as `0-3` or `2`.
+pub fn task_cpus_allowed(pid: i32, tid: i32) -> String {
+    field_of(
+        &format!("/proc/{pid}/task/{tid}/status"),
+        "Cpus_allowed_list:",
+    )
+}
+
 /// Sets the soft limit on open descriptors (`RLIMIT_NOFILE`) of another process, `pid`, keeping
 /// its hard limit. Lowering it makes the process run out of descriptors cheaply: its next
 /// `accept` or `open` fails with `EMFILE`. Panics if the kernel refuses.
@@ -259,6 +327,21 @@ mod tests {
         assert!(rss_kib(pid) > 0);
         assert!(cpu_time(pid) < Duration::from_secs(3600));
         assert!(stat_fields(pid).is_some_and(|f| f.len() > 20));
+        let tasks = tasks(pid);
+        assert!(tasks.iter().any(|&(tid, _)| tid == pid), "{tasks:?}");
+        assert!(task_cpu_time(pid, pid) <= cpu_time(pid) + Duration::from_millis(100));
+        assert!(!task_cpus_allowed(pid, pid).is_empty());
+    }
+
+    #[test]
+    fn limits_leave_the_room_asked_for() {
+        let open = [0, 1, 2, 3, 4, 10];
+        assert_eq!(limit_leaving(&open, 0), 5);
+        assert_eq!(limit_leaving(&open, 2), 7);
+        let open = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 251];
+        assert_eq!(limit_leaving(&open, 0), 9);
+        assert_eq!(limit_leaving(&open, 1), 11);
+        assert_eq!(limit_leaving(&open, 2), 12, "9 and 11 free, 10 inherited");
     }
 
     #[test]

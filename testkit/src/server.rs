@@ -17,7 +17,7 @@ use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 
 use crate::client::{Client, Response};
-use crate::procfs::{lowest_free_fd, wait_until};
+use crate::procfs::{limit_leaving_room, lowest_free_fd, wait_until};
 
 /// How long a server may take to print its banner.
 const BANNER_WITHIN: Duration = Duration::from_secs(10);
@@ -101,11 +101,14 @@ impl Server {
 
     /// Starts the server with `--max-fds` set so that exactly `room` descriptors are free
     /// once it is up: a first run finds the lowest free descriptor number of an idle server
-    /// (its stdio, listener and spare below it), and the second run gets that plus `room`.
+    /// (its stdio, listener and spare below it), and the second run gets a limit `room` free
+    /// numbers above that (past any descriptor it inherited in between, such as 10).
     #[track_caller]
     pub fn start_with_fd_room(bin: &str, args: &[&str], room: u64) -> Server {
-        let base = lowest_free_fd(Server::start(bin, args).pid);
-        let limit = (u64::try_from(base).expect("fds are >= 0") + room).to_string();
+        let first = Server::start(bin, args);
+        let base = lowest_free_fd(first.pid);
+        let limit = limit_leaving_room(first.pid, room).to_string();
+        drop(first);
         let server = Server::start(bin, &[args, &["--max-fds", &limit]].concat());
         assert_eq!(
             lowest_free_fd(server.pid),
