@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
                     timeout,
                 );
             } else if fd == pool.bell().as_raw_fd() {
-                answers_back(&pool, &mut table, &mut due);
+                answers_back(&mut pool, &mut table, &mut due);
             } else if !gone_while_waiting(event, fd, &mut table) {
                 due.push(fd);
             }
@@ -258,7 +258,7 @@ fn serve(
 // ANCHOR: answers_back
 /// The workers rang: gives each answer to its connection, if that connection is still there,
 /// and gets it a turn to write the answer.
-fn answers_back(pool: &Pool, table: &mut Table, due: &mut Vec<RawFd>) {
+fn answers_back(pool: &mut Pool, table: &mut Table, due: &mut Vec<RawFd>) {
     let now = Instant::now();
     for Finished {
         fd,

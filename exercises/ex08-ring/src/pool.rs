@@ -1,7 +1,8 @@
 //! The worker threads, and the two queues between them and the loop.
 //!
-//! Out: a bounded channel of jobs. The loop never waits on it: `try_send` either leaves the job
-//! for an idle worker or says at once that the queue is full, and the client gets `503`.
+//! Out: a channel of jobs. The loop never waits on it, and it is never full: the loop itself
+//! counts the jobs it has handed out and not yet had back, and refuses with `503`, at once, a
+//! job beyond `workers + max_queue` of them: as many as the workers can run, plus the queue.
 //! Back: a `Vec` of answers behind a mutex, and an `eventfd` that the workers write to after
 //! pushing one. The eventfd is one more descriptor in the loop's epoll set, so a finished job
 //! wakes the loop just as a readable socket does. The loop then takes the whole `Vec` in one
@@ -11,14 +12,15 @@
 use std::io::{self, Write};
 use std::mem;
 use std::os::fd::RawFd;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
 use anyhow::Context;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::http::{self, Request, Response};
+use crate::http::{self, Request, Response, Status};
 
 // ANCHOR: job
 /// A slow request, and the connection it came on: its descriptor number and its generation,
@@ -42,6 +44,12 @@ pub struct Finished {
 pub struct Pool {
     jobs: SyncSender<Job>,
     done: Arc<Done>,
+    /// Jobs handed out and not yet back, and the most there may be: `workers + max_queue`.
+    /// Counted here, on the loop, rather than read off the channel: a channel of room `n`
+    /// holds `n` jobs *not yet taken*, and a woken worker takes its job microseconds later, so
+    /// a burst of slow requests in one batch would find it full while workers sit idle.
+    in_flight: usize,
+    capacity: usize,
     /// Jobs refused so far because the queue was full, for the log.
     refused: u64,
 }
@@ -64,9 +72,9 @@ impl Pool {
             finished: Mutex::new(Vec::new()),
             bell,
         });
-        // A channel with room for `max_queue` jobs; with 0, a job is taken only by a worker
-        // that is idle at that moment.
-        let (jobs, queue) = mpsc::sync_channel(max_queue);
+        // Room for every job the loop may hand out, so that `try_send` never finds it full.
+        let capacity = workers + max_queue;
+        let (jobs, queue) = mpsc::sync_channel(capacity);
         let queue = Arc::new(Mutex::new(queue));
         for i in 1..=workers {
             let (queue, done) = (Arc::clone(&queue), Arc::clone(&done));
@@ -78,16 +86,24 @@ impl Pool {
         Ok(Pool {
             jobs,
             done,
+            in_flight: 0,
+            capacity,
             refused: 0,
         })
     }
 
-    /// Queues `job` for a worker without ever waiting; `false` if the queue is full.
+    /// Queues `job` for a worker without ever waiting; `false` if the workers are all busy and
+    /// the queue is full.
     pub fn submit(&mut self, job: Job) -> bool {
-        match self.jobs.try_send(job) {
-            Ok(()) => true,
-            // Disconnected would mean every worker is gone; they never leave while we live.
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+        let sent = self.in_flight < self.capacity && self.jobs.try_send(job).is_ok();
+        match sent {
+            true => {
+                self.in_flight += 1;
+                true
+            }
+            // (`try_send` cannot fail here: the channel has room for `capacity` jobs, and
+            // every worker outlives the loop. It is checked all the same.)
+            false => {
                 self.refused += 1;
                 if self.refused.is_power_of_two() {
                     log!(
@@ -106,12 +122,14 @@ impl Pool {
     }
 
     /// Takes every answer waiting, in one swap under the lock.
-    pub fn finished(&self) -> Vec<Finished> {
+    pub fn finished(&mut self) -> Vec<Finished> {
         // The bell first: reading resets its count to zero (or fails with EAGAIN if it was
         // zero already, which is no harm). A worker that pushes after our swap rings it again
         // after its push, so no answer is ever left waiting unrung.
         let _ = self.done.bell.read();
-        mem::take(&mut *lock(&self.done.finished))
+        let finished = mem::take(&mut *lock(&self.done.finished));
+        self.in_flight -= finished.len();
+        finished
     }
 }
 // ANCHOR_END: pool
@@ -128,7 +146,10 @@ fn work(queue: &Mutex<Receiver<Job>>, done: &Done) {
         let Ok(job) = job else {
             return; // the loop's end of the channel is gone: no job will ever come
         };
-        let response = http::respond(&job.request);
+        // A job that panicked would leave its client waiting for ever, since a waiting
+        // connection has no deadline: it gets a `503` instead, and the worker goes on.
+        let response = panic::catch_unwind(AssertUnwindSafe(|| http::respond(&job.request)))
+            .unwrap_or_else(|_| http::reject(Status::ServiceUnavailable, "the job failed"));
         // EXERCISE: push onto this worker's ring; while it is full, wait a little and retry.
         lock(&done.finished).push(Finished {
             fd: job.fd,
