@@ -34,14 +34,19 @@ fn per_loop(pid: i32) -> Vec<usize> {
     counts
 }
 
-/// Waits until the server holds `n` connections (beside its one listener).
+/// Waits until the server holds `n` connections (beside its one listener), and its loops
+/// watch them all: the acceptor holds a new connection a moment before the loop it is handed
+/// to has taken it from its inbox and added it to its epoll set.
 #[track_caller]
 fn holds(server: &Server, n: usize) {
+    let settled =
+        || sockets(server.pid).len() == n + 1 && per_loop(server.pid).iter().sum::<usize>() == n;
     assert!(
-        wait_until(Duration::from_secs(5), || sockets(server.pid).len()
-            == n + 1),
-        "the server should hold {n} connections: sockets {:?}",
-        sockets(server.pid)
+        wait_until(Duration::from_secs(5), settled),
+        "the server should hold {n} connections, all watched by its loops: sockets {:?}, \
+         per loop {:?}",
+        sockets(server.pid),
+        per_loop(server.pid)
     );
 }
 
